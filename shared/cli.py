@@ -1,0 +1,271 @@
+"""The `diffqueue` command.
+
+Service commands (`up`, `web`, `worker`, `db upgrade`) start processes by module
+name, so this module never imports `web` or `worker`. Client commands (`submit`,
+`status`, `wait`, `download`) talk to the JSON API over HTTP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shared.config import Settings
+from shared.db import check_migrated, make_engine, upgrade
+from shared.errors import DatabaseNotMigrated
+
+SHUTDOWN_GRACE_S = 20
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+def fail(message: str, code: int = 1) -> "NoReturn":  # noqa: F821
+    print(f"diffqueue: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def require_migrated(settings: Settings) -> None:
+    engine = make_engine(settings.database_url)
+    try:
+        check_migrated(engine)
+    except DatabaseNotMigrated as exc:
+        fail(f"refusing to start: {exc}", 2)
+    finally:
+        engine.dispose()
+
+
+# ----------------------------------------------------------------- services
+def cmd_db_upgrade(args, settings: Settings) -> None:
+    upgrade(settings.database_url)
+    print(f"database at head: {make_engine(settings.database_url).url.render_as_string(hide_password=True)}")
+
+
+def web_command(host: str, port: int, workers: int) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
+            "--threads", "4", "--timeout", "120", "--access-logfile", "-", "web.wsgi:app"]
+
+
+def worker_command(queues: str, concurrency: int, loglevel: str) -> list[str]:
+    return [sys.executable, "-m", "worker", "--queues", queues, "--concurrency", str(concurrency),
+            "--loglevel", loglevel]
+
+
+def cmd_web(args, settings: Settings) -> None:
+    require_migrated(settings)
+    cmd = web_command(args.host, args.port, args.workers)
+    os.execv(cmd[0], cmd)
+
+
+def cmd_worker(args, settings: Settings) -> None:
+    require_migrated(settings)
+    cmd = worker_command(args.queues, args.concurrency, args.loglevel)
+    os.execv(cmd[0], cmd)
+
+
+def cmd_up(args, _settings: Settings) -> None:
+    """The embedded default: SQLite DB and broker, artifacts in the data dir, web and
+    worker as child processes of this one."""
+    data_dir = Path(args.data_dir).resolve()
+    settings = Settings.embedded(data_dir)
+    upgrade(settings.database_url)
+    env = {**os.environ, **settings.as_env()}
+    url = f"http://{args.host}:{args.port}"
+    procs = [
+        subprocess.Popen(worker_command("gpu,cpu", 1, args.loglevel), env=env),
+        subprocess.Popen(web_command(args.host, args.port, 1), env=env),
+    ]
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if _wait_healthy(url, procs):
+            print(f"diffqueue is up: {url}  (data in {data_dir}; Ctrl-C stops)", flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        failed = [p for p in procs if p.poll() is not None]
+        print(f"diffqueue: a service exited (code {failed[0].returncode}); stopping", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("diffqueue: stopping", flush=True)
+    finally:
+        _stop_all(procs)
+
+
+def _wait_healthy(url: str, procs, timeout_s: float = 120) -> bool:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        try:
+            if requests.get(url + "/healthz", timeout=2).ok:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def _stop_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# ------------------------------------------------------------------ clients
+def _api(settings: Settings, args) -> str:
+    return (args.url or settings.api_url).rstrip("/") + "/api/v1"
+
+
+def _request(method: str, url: str, **kw):
+    import requests
+
+    try:
+        resp = requests.request(method, url, timeout=30, **kw)
+    except requests.RequestException as exc:
+        fail(f"cannot reach {url}: {exc}")
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+            detail = body.get("message", resp.text)
+            if body.get("fields"):
+                detail += "\n" + "\n".join(f"  {k}: {v}" for k, v in body["fields"].items())
+        except ValueError:
+            detail = resp.text
+        fail(f"HTTP {resp.status_code}: {detail}")
+    return resp
+
+
+def parse_param(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        fail(f"--param expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def cmd_submit(args, settings: Settings) -> None:
+    params = json.loads(Path(args.json).read_text()) if args.json else {}
+    params.update(dict(parse_param(p) for p in args.param or []))
+    body = {"kind": args.kind, "params": params, "priority": args.priority}
+    job = _request("POST", _api(settings, args) + "/jobs", json=body).json()
+    print(job["id"])
+
+
+def cmd_status(args, settings: Settings) -> None:
+    print(json.dumps(_request("GET", f"{_api(settings, args)}/jobs/{args.id}").json(), indent=2))
+
+
+def cmd_wait(args, settings: Settings) -> None:
+    from tqdm import tqdm
+
+    url = f"{_api(settings, args)}/jobs/{args.id}"
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    with tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
+        while True:
+            job = _request("GET", url).json()
+            p = job["progress"]
+            if p["total"] and bar.total != p["total"]:
+                bar.reset(total=p["total"])
+            bar.n = p["step"] or 0
+            bar.set_description(job["status"])
+            bar.set_postfix_str(p["message"] or "", refresh=False)
+            bar.refresh()
+            if job["status"] in FINISHED:
+                break
+            if deadline and time.monotonic() > deadline:
+                fail(f"timed out after {args.timeout} s; job {args.id} is {job['status']}", 3)
+            time.sleep(args.interval)
+    print(f"job {args.id} {job['status']}" + (f": {job['error']}" if job["error"] else ""))
+    if job["status"] != "succeeded":
+        sys.exit(1)
+
+
+def cmd_download(args, settings: Settings) -> None:
+    job = _request("GET", f"{_api(settings, args)}/jobs/{args.id}").json()
+    dest = Path(args.dir)
+    for a in job["artifacts"]:
+        if args.prefix and not a["name"].startswith(args.prefix):
+            continue
+        path = (dest / a["name"]).resolve()
+        if dest.resolve() not in path.parents:
+            fail(f"artifact name {a['name']!r} escapes {dest}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_request("GET", a["url"]).content)
+        print(path)
+
+
+# -------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffqueue", description="Job queue for diffusion training and sampling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="embedded service: SQLite, SQLite broker, local storage; web + worker")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", default=os.environ.get("DIFFQUEUE_DATA_DIR", "diffqueue-data"))
+    p.add_argument("--loglevel", default="info")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("web", help="the web app and API under gunicorn")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_web)
+
+    p = sub.add_parser("worker", help="a Celery worker that runs jobs")
+    p.add_argument("--queues", default="gpu", help="comma-separated queues (gpu, cpu)")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--loglevel", default="info")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("db", help="database commands")
+    dbsub = p.add_subparsers(dest="db_command", required=True)
+    dbsub.add_parser("upgrade", help="migrate the database to the latest revision").set_defaults(func=cmd_db_upgrade)
+
+    def client(name: str, help: str, func):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--url", help="API base URL (default: DIFFQUEUE_URL or http://127.0.0.1:8000)")
+        p.set_defaults(func=func)
+        return p
+
+    p = client("submit", "submit a job and print its id", cmd_submit)
+    p.add_argument("kind")
+    p.add_argument("--param", "-p", action="append", metavar="KEY=VALUE", help="a param; VALUE is JSON or a string")
+    p.add_argument("--json", metavar="FILE", help="params from a JSON file (--param entries override)")
+    p.add_argument("--priority", type=int, default=0)
+
+    client("status", "print a job as JSON", cmd_status).add_argument("id")
+
+    p = client("wait", "show a progress bar until the job finishes; non-zero exit unless it succeeded", cmd_wait)
+    p.add_argument("id")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--timeout", type=float, default=0, help="seconds (0: no limit)")
+
+    p = client("download", "download a job's artifacts into DIR", cmd_download)
+    p.add_argument("id")
+    p.add_argument("dir")
+    p.add_argument("--prefix", default="", help="only artifacts whose name starts with this, e.g. model/")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args, Settings.from_env())
+
+
+if __name__ == "__main__":
+    main()

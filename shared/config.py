@@ -1,0 +1,112 @@
+"""Settings: the one place that reads DIFFQUEUE_* from the environment.
+
+`Settings.from_env()` is called once by each entry point (CLI, WSGI module, worker
+main) and the object is then passed explicitly to `create_app` and `make_celery`.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_QUEUE = "gpu"
+PREFIX = "DIFFQUEUE_"
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    broker_url: str
+    storage_url: str
+    models_dir: Path | None = None
+    s3_endpoint_url: str | None = None
+    # Endpoint used only to presign URLs handed to browsers (MinIO behind compose
+    # is `http://minio:9000` inside the network but `http://localhost:9000` outside).
+    s3_public_endpoint_url: str | None = None
+    presign_expiry_s: int = 300
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    default_queue: str = DEFAULT_QUEUE
+    # Progress rows are written at most this often (plus the first and last step).
+    progress_interval_s: float = 0.5
+    # How often a running job re-reads cancel_requested from the DB.
+    cancel_check_interval_s: float = 0.5
+    # Where a worker keeps models it downloaded from storage (job:<id> references).
+    cache_dir: Path = Path("/tmp/diffqueue-cache")
+    # Seconds to wait for the broker when publishing; the row stays queued otherwise.
+    publish_timeout_s: float = 5.0
+    torch_threads: int | None = None
+    csrf_enabled: bool = True
+    # Where the CLI's client commands (submit, status, wait, download) find the API.
+    api_url: str = "http://127.0.0.1:8000"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        data_dir = Path(env.get(PREFIX + "DATA_DIR", "diffqueue-data")).resolve()
+        defaults = cls.embedded(data_dir)
+
+        def get(name: str, default=None):
+            return env.get(PREFIX + name, default)
+
+        models_dir = get("MODELS_DIR")
+        cache_dir = get("CACHE_DIR")
+        threads = get("TORCH_THREADS")
+        return replace(
+            defaults,
+            database_url=get("DATABASE_URL", defaults.database_url),
+            broker_url=get("BROKER_URL", defaults.broker_url),
+            storage_url=get("STORAGE_URL", defaults.storage_url),
+            models_dir=Path(models_dir) if models_dir else defaults.models_dir,
+            s3_endpoint_url=get("S3_ENDPOINT_URL") or None,
+            s3_public_endpoint_url=get("S3_PUBLIC_ENDPOINT_URL") or None,
+            presign_expiry_s=int(get("PRESIGN_EXPIRY_S", defaults.presign_expiry_s)),
+            secret_key=get("SECRET_KEY") or defaults.secret_key,
+            default_queue=get("DEFAULT_QUEUE", defaults.default_queue),
+            progress_interval_s=float(get("PROGRESS_INTERVAL_S", defaults.progress_interval_s)),
+            cancel_check_interval_s=float(get("CANCEL_CHECK_INTERVAL_S", defaults.cancel_check_interval_s)),
+            cache_dir=Path(cache_dir) if cache_dir else defaults.cache_dir,
+            torch_threads=int(threads) if threads else None,
+            csrf_enabled=_bool(get("CSRF", "1")),
+            api_url=get("URL", defaults.api_url),
+        )
+
+    @classmethod
+    def embedded(cls, data_dir: Path) -> "Settings":
+        """The single-machine default: SQLite DB, SQLite broker, artifacts in a folder."""
+        data_dir = Path(data_dir).resolve()
+        return cls(
+            database_url=f"sqlite:///{data_dir / 'diffqueue.db'}",
+            broker_url=f"sqla+sqlite:///{data_dir / 'broker.db'}",
+            storage_url=(data_dir / "artifacts").as_uri(),
+            models_dir=data_dir / "models",
+            cache_dir=data_dir / "cache",
+        )
+
+    def as_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {
+            "DATABASE_URL": self.database_url,
+            "BROKER_URL": self.broker_url,
+            "STORAGE_URL": self.storage_url,
+            "PRESIGN_EXPIRY_S": str(self.presign_expiry_s),
+            "SECRET_KEY": self.secret_key,
+            "DEFAULT_QUEUE": self.default_queue,
+            "PROGRESS_INTERVAL_S": str(self.progress_interval_s),
+            "CANCEL_CHECK_INTERVAL_S": str(self.cancel_check_interval_s),
+            "CACHE_DIR": str(self.cache_dir),
+            "CSRF": "1" if self.csrf_enabled else "0",
+        }
+        optional = {
+            "MODELS_DIR": self.models_dir,
+            "S3_ENDPOINT_URL": self.s3_endpoint_url,
+            "S3_PUBLIC_ENDPOINT_URL": self.s3_public_endpoint_url,
+            "TORCH_THREADS": self.torch_threads,
+        }
+        env.update({k: str(v) for k, v in optional.items() if v is not None})
+        return {PREFIX + k: v for k, v in env.items()}

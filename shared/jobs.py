@@ -1,0 +1,222 @@
+"""The job lifecycle: submit (commit, then publish), cancel, retry, claim and finish.
+
+Every function here takes the session or sessionmaker it works with; the rules
+for which status may follow which live here and nowhere else.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.broker import MAX_PRIORITY, RUN_JOB_TASK
+from shared.db import session_scope
+from shared.errors import InvalidTransition, JobNotFound
+from shared.models import Artifact, Job, JobStatus, utcnow
+from shared.specs import KINDS, validate_params
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ client side
+def submit(
+    factory: sessionmaker[Session], producer: Celery, kind: str, params: Any, priority: int = 0
+) -> Job:
+    """Validate, insert a queued row, commit, then publish. The row is the truth:
+    if the publish fails, the row stays queued with no `published_at`."""
+    spec = validate_params(kind, params)
+    with session_scope(factory) as session:
+        job = Job(
+            kind=kind,
+            params=spec.model_dump(mode="json"),
+            priority=priority,
+            queue=KINDS[kind].queue,
+            status=JobStatus.QUEUED.value,
+        )
+        session.add(job)
+    publish(factory, producer, job)
+    return job
+
+
+def publish(factory: sessionmaker[Session], producer: Celery, job: Job) -> bool:
+    try:
+        producer.send_task(
+            RUN_JOB_TASK,
+            args=[job.id],
+            queue=job.queue,
+            priority=max(0, min(MAX_PRIORITY, job.priority)),
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+    except Exception:  # the broker is down: the row stays queued for a later publish
+        log.exception("publishing job %s failed; it stays queued", job.id)
+        return False
+    with session_scope(factory) as session:
+        session.execute(update(Job).where(Job.id == job.id).values(published_at=utcnow()))
+    job.published_at = utcnow()
+    return True
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"no job with id {job_id!r}")
+    return job
+
+
+def list_jobs(
+    session: Session, status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0
+) -> tuple[list[Job], int]:
+    query = select(Job)
+    if status:
+        query = query.where(Job.status == status)
+    if kind:
+        query = query.where(Job.kind == kind)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    return list(rows), total or 0
+
+
+def cancel(session: Session, job_id: str) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop at its next step."""
+    job = get_job(session, job_id)
+    status = job.job_status
+    if status.is_finished:
+        raise InvalidTransition(f"job {job_id} is already {status.value}; only queued or running jobs can be cancelled")
+    if status is JobStatus.QUEUED:
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=utcnow())
+        ).rowcount
+        if done:
+            session.refresh(job)
+            return job
+    # Running (or claimed between our read and the update above).
+    session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    session.refresh(job)
+    return job
+
+
+def retry(session: Session, job_id: str) -> Job:
+    """Put a failed or cancelled job back in the queue. Artifacts are kept: the run
+    overwrites them (keys are deterministic) and training can resume from them."""
+    job = get_job(session, job_id)
+    if not job.job_status.can_retry:
+        raise InvalidTransition(f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried")
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.FAILED.value, JobStatus.CANCELLED.value]))
+        .values(
+            status=JobStatus.QUEUED.value,
+            cancel_requested=False,
+            error=None,
+            traceback=None,
+            finished_at=None,
+            published_at=None,
+            progress_step=0,
+            progress_message="retry queued",
+        )
+    )
+    session.refresh(job)
+    return job
+
+
+# ------------------------------------------------------------------ worker side
+def claim(session: Session, job_id: str, worker: str) -> int | None:
+    """Atomically move a queued job to running. Returns the fencing token (the new
+    attempt number), or None when the job is not claimable: a duplicate delivery,
+    an already cancelled job, or an unknown id."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempt=Job.attempt + 1,
+            worker=worker,
+            started_at=now,
+            progress_started_at=now,
+            progress_step=0,
+            progress_message="starting",
+        )
+    )
+    session.commit()
+    if result.rowcount != 1:
+        return None
+    return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+def _owned(job_id: str, token: int):
+    return (Job.id == job_id, Job.attempt == token, Job.status == JobStatus.RUNNING.value)
+
+
+def report_progress(
+    session: Session, job_id: str, token: int, step: int, total: int | None, message: str | None,
+    new_phase: bool = False,
+) -> bool:
+    values: dict[str, Any] = {"progress_step": step, "progress_total": total, "progress_message": message}
+    if new_phase:
+        values["progress_started_at"] = utcnow()
+    ok = session.execute(update(Job).where(*_owned(job_id, token)).values(**values)).rowcount == 1
+    session.commit()
+    return ok
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def record_artifact(
+    session: Session, job_id: str, token: int, name: str, kind: str, content_type: str, size: int, sha256: str,
+    meta: dict | None = None,
+) -> bool:
+    """Insert or replace the artifact row, if this execution still owns the job."""
+    owned = session.scalar(select(func.count()).select_from(Job).where(*_owned(job_id, token)))
+    if not owned:
+        session.rollback()
+        return False
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    session.add(
+        Artifact(
+            job_id=job_id, name=name, kind=kind, content_type=content_type, size=size, sha256=sha256,
+            meta=meta or {},
+        )
+    )
+    session.commit()
+    return True
+
+
+def finish(
+    session: Session,
+    job_id: str,
+    token: int,
+    status: JobStatus,
+    result: dict | None = None,
+    error: str | None = None,
+    traceback: str | None = None,
+) -> bool:
+    """Record the outcome, conditional on the token. Returns False for a stale execution."""
+    assert status.is_finished, status
+    values: dict[str, Any] = {"status": status.value, "finished_at": utcnow(), "error": error, "traceback": traceback}
+    if result is not None:
+        values["result"] = result
+    ok = session.execute(update(Job).where(*_owned(job_id, token)).values(**values)).rowcount == 1
+    session.commit()
+    return ok
+
+
+def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
+    """Remaining time, extrapolated from the current phase's rate so far."""
+    if job.job_status is not JobStatus.RUNNING or not job.progress_total or not job.progress_step:
+        return None
+    start = job.progress_started_at or job.started_at
+    if start is None:
+        return None
+    elapsed = ((now or utcnow()) - start).total_seconds()
+    remaining = job.progress_total - job.progress_step
+    return round(max(0.0, elapsed / job.progress_step * remaining), 1)

@@ -1,0 +1,235 @@
+"""Artifact storage: one interface, a local-folder backend and an S3 backend.
+
+Keys are deterministic (`jobs/<id>/<name>`), so a retried upload overwrites
+rather than duplicates.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterator, Protocol
+from urllib.parse import unquote, urlparse
+
+from shared.config import Settings
+from shared.errors import StorageError
+
+CHUNK_BYTES = 1024 * 1024
+
+
+def job_key(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/{safe_name(name)}"
+
+
+def safe_name(name: str) -> str:
+    """An artifact name as a relative POSIX path with no `..`, or StorageError."""
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or any(part in ("", ".", "..") for part in name.split("/")):
+        raise StorageError(f"invalid artifact name {name!r}: must be a relative path without '..'")
+    return str(path)
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+class Storage(Protocol):
+    def put_file(self, key: str, path: Path, content_type: str) -> None: ...
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def download(self, key: str, dest: Path) -> None: ...
+    def open_stream(self, key: str) -> Iterator[bytes]: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def presigned_url(self, key: str) -> str | None: ...
+    def check(self) -> None: ...
+
+
+class LocalStorage:
+    """Artifacts in a folder. Writes go to a temp file first, then are renamed in."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / safe_name(key)).resolve()
+        if self.root.resolve() not in path.parents:
+            raise StorageError(f"key {key!r} escapes the storage root")
+        return path
+
+    def _atomic_write(self, key: str, write) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        with open(path, "rb") as src:
+            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, CHUNK_BYTES))
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self._atomic_write(key, lambda f: f.write(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"no object at {key!r}") from None
+
+    def download(self, key: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._path(key), dest)
+
+    def open_stream(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        if not path.is_file():
+            raise StorageError(f"no object at {key!r}")
+
+        def chunks():
+            with open(path, "rb") as f:
+                yield from iter(lambda: f.read(CHUNK_BYTES), b"")
+
+        return chunks()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root).as_posix())
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self.root / safe_name(prefix.rstrip("/")), ignore_errors=True)
+
+    def presigned_url(self, key: str) -> str | None:
+        return None  # served through the API
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"storage folder {self.root} is not writable")
+
+
+class S3Storage:
+    """S3-compatible storage (AWS, MinIO) through boto3, with presigned GET URLs."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        public_endpoint_url: str | None = None,
+        presign_expiry_s: int = 300,
+    ):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"})
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        self.presign_client = (
+            boto3.client("s3", endpoint_url=public_endpoint_url, config=config)
+            if public_endpoint_url
+            else self.client
+        )
+        self.presign_expiry_s = presign_expiry_s
+
+    def _key(self, key: str) -> str:
+        key = safe_name(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type})
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise StorageError(f"no object at {key!r}") from None
+
+    def download(self, key: str, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(self.bucket, self._key(key), str(dest))
+
+    def open_stream(self, key: str) -> Iterator[bytes]:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except self.client.exceptions.NoSuchKey:
+            raise StorageError(f"no object at {key!r}") from None
+        return body.iter_chunks(CHUNK_BYTES)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix.rstrip("/")) + "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.list(prefix)
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": self._key(k)} for k in keys[i : i + 1000]]},
+            )
+
+    def presigned_url(self, key: str) -> str | None:
+        return self.presign_client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=self.presign_expiry_s
+        )
+
+    def check(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+
+def make_storage(settings: Settings) -> Storage:
+    url = urlparse(settings.storage_url)
+    if url.scheme == "file":
+        return LocalStorage(Path(unquote(url.path)))
+    if url.scheme == "s3":
+        if not url.netloc:
+            raise StorageError(f"storage URL {settings.storage_url!r} names no bucket: use s3://bucket/prefix")
+        return S3Storage(
+            url.netloc,
+            url.path,
+            endpoint_url=settings.s3_endpoint_url,
+            public_endpoint_url=settings.s3_public_endpoint_url,
+            presign_expiry_s=settings.presign_expiry_s,
+        )
+    raise StorageError(f"unsupported storage URL {settings.storage_url!r}: use file:///abs/dir or s3://bucket/prefix")

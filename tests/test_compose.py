@@ -1,0 +1,45 @@
+"""Static checks of the production docker-compose.yml (no Docker engine needed)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+EXPECTED_SERVICES = {"postgres", "redis", "minio", "createbuckets", "migrate", "web", "worker"}
+
+
+def test_compose_config_validates():
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not on PATH")
+    proc = subprocess.run(
+        [exe, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr or proc.stdout
+
+
+def _load_compose() -> dict:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_compose_has_all_services():
+    services = _load_compose()["services"]
+    missing = EXPECTED_SERVICES - set(services)
+    assert not missing, f"missing services: {sorted(missing)}"
+
+
+def test_worker_reserves_an_nvidia_gpu():
+    worker = _load_compose()["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices
+    ), devices

@@ -1,0 +1,60 @@
+"""The Flask app: JSON API under /api/v1 and a small set of HTML pages.
+
+It publishes jobs by task name through `shared.jobs` and never imports `worker`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import Flask, current_app
+from flask_wtf.csrf import CSRFProtect
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.broker import make_producer
+from shared.config import Settings
+from shared.db import check_migrated, make_engine, make_sessionmaker
+from shared.storage import Storage, make_storage
+
+csrf = CSRFProtect()
+
+
+@dataclass
+class Services:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    producer: Celery
+    storage: Storage
+
+
+def services() -> Services:
+    return current_app.extensions["diffqueue"]
+
+
+def create_app(settings: Settings, check_schema: bool = True) -> Flask:
+    """Build the app. Refuses (DatabaseNotMigrated) on a database that is not at head."""
+    engine = make_engine(settings.database_url)
+    if check_schema:
+        check_migrated(engine)
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        WTF_CSRF_ENABLED=settings.csrf_enabled,
+        MAX_CONTENT_LENGTH=16 * 1024 * 1024,
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["diffqueue"] = Services(
+        settings=settings,
+        sessions=make_sessionmaker(engine),
+        producer=make_producer(settings),
+        storage=make_storage(settings),
+    )
+    csrf.init_app(app)
+
+    from web import api, errors, pages
+
+    csrf.exempt(api.bp)  # the JSON API takes no cookies-based form posts
+    app.register_blueprint(api.bp)
+    app.register_blueprint(pages.bp)
+    errors.init_app(app)
+    return app

@@ -1,0 +1,227 @@
+"""The JSON API under /api/v1. Views are flat: read, validate, act, respond."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+from flask import Blueprint, Response, jsonify, redirect, request, url_for
+from sqlalchemy import select, text
+
+from shared import jobs
+from shared.errors import JobNotFound, SpecError
+from shared.models import Artifact, Job, JobStatus
+from shared.specs import KINDS, kinds_schema
+from shared.storage import job_key
+from web import services
+from web.errors import error_response
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+MAX_PAGE = 200
+STATUSES = [s.value for s in JobStatus]
+
+
+def artifact_json(a: Artifact) -> dict:
+    return {
+        "name": a.name,
+        "kind": a.kind,
+        "content_type": a.content_type,
+        "size": a.size,
+        "sha256": a.sha256,
+        "meta": a.meta,
+        "url": url_for("api.artifact", job_id=a.job_id, name=a.name, _external=True),
+    }
+
+
+def _iso(value):
+    return value.isoformat() if value else None
+
+
+def job_json(job: Job, with_artifacts: bool = True) -> dict:
+    body = {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "priority": job.priority,
+        "queue": job.queue,
+        "params": job.params,
+        "progress": {
+            "step": job.progress_step,
+            "total": job.progress_total,
+            "message": job.progress_message,
+            "eta_s": jobs.eta_seconds(job),
+        },
+        "attempt": job.attempt,
+        "worker": job.worker,
+        "cancel_requested": job.cancel_requested,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "updated_at": _iso(job.updated_at),
+        "error": job.error,
+        "traceback": job.traceback,
+        "result": job.result,
+        "url": url_for("api.get_job", job_id=job.id, _external=True),
+    }
+    if with_artifacts:
+        body["artifacts"] = [artifact_json(a) for a in job.artifacts]
+    return body
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SpecError(f"{name} must be an integer, got {raw!r}", {name: "must be an integer"}) from None
+    if not lo <= value <= hi:
+        raise SpecError(f"{name} must be in [{lo}, {hi}], got {value}", {name: f"must be in [{lo}, {hi}]"})
+    return value
+
+
+@bp.post("/jobs")
+def create_job():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return error_response(400, "invalid_json", "request body must be a JSON object with 'kind' and 'params'")
+    kind, params, priority = body.get("kind"), body.get("params", {}), body.get("priority", 0)
+    unknown = sorted(set(body) - {"kind", "params", "priority"})
+    if unknown:
+        raise SpecError(f"unknown top-level fields: {', '.join(unknown)}", {k: "unknown field" for k in unknown})
+    if not isinstance(kind, str):
+        raise SpecError("kind is required: one of " + ", ".join(sorted(KINDS)), {"kind": "required"})
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
+        raise SpecError(f"priority must be an integer in [0, 9], got {priority!r}", {"priority": "must be in [0, 9]"})
+    svc = services()
+    job = jobs.submit(svc.sessions, svc.producer, kind, params, priority)
+    with svc.sessions() as session:
+        job = jobs.get_job(session, job.id)
+        resp = jsonify(job_json(job))
+    resp.status_code = 202
+    resp.headers["Location"] = url_for("api.get_job", job_id=job.id)
+    return resp
+
+
+@bp.get("/jobs")
+def list_jobs():
+    status, kind = request.args.get("status"), request.args.get("kind")
+    if status and status not in STATUSES:
+        raise SpecError(f"status must be one of {', '.join(STATUSES)}, got {status!r}", {"status": "unknown status"})
+    if kind and kind not in KINDS:
+        raise SpecError(f"kind must be one of {', '.join(sorted(KINDS))}, got {kind!r}", {"kind": "unknown kind"})
+    limit = _int_arg("limit", 50, 1, MAX_PAGE)
+    offset = _int_arg("offset", 0, 0, 10**9)
+    with services().sessions() as session:
+        rows, total = jobs.list_jobs(session, status, kind, limit, offset)
+        return jsonify({
+            "jobs": [job_json(j, with_artifacts=False) for j in rows],
+            "total": total, "limit": limit, "offset": offset,
+        })
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str):
+    with services().sessions() as session:
+        return jsonify(job_json(jobs.get_job(session, job_id)))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    with services().sessions() as session:
+        job = jobs.cancel(session, job_id)
+        session.commit()
+        return jsonify(job_json(job)), 202
+
+
+@bp.post("/jobs/<job_id>/retry")
+def retry_job(job_id: str):
+    svc = services()
+    with svc.sessions() as session:
+        job = jobs.retry(session, job_id)
+        session.commit()
+    jobs.publish(svc.sessions, svc.producer, job)
+    with svc.sessions() as session:
+        return jsonify(job_json(jobs.get_job(session, job_id))), 202
+
+
+def _artifact(session, job_id: str, name: str) -> Artifact:
+    jobs.get_job(session, job_id)
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    if artifact is None:
+        raise JobNotFound(f"job {job_id} has no artifact {name!r}")
+    return artifact
+
+
+@bp.get("/jobs/<job_id>/artifacts/<path:name>")
+def artifact(job_id: str, name: str):
+    svc = services()
+    with svc.sessions() as session:
+        a = _artifact(session, job_id, name)
+    key = job_key(job_id, a.name)
+    url = svc.storage.presigned_url(key)
+    if url:
+        return redirect(url, code=302)
+    resp = Response(svc.storage.open_stream(key), mimetype=a.content_type)
+    resp.headers["Content-Length"] = str(a.size)
+    resp.headers["ETag"] = a.sha256
+    return resp
+
+
+@bp.get("/jobs/<job_id>/archive")
+def archive(job_id: str):
+    """A zip of the job's artifacts under `?prefix=` (e.g. `model/`), or all of them."""
+    prefix = request.args.get("prefix", "")
+    svc = services()
+    with svc.sessions() as session:
+        job = jobs.get_job(session, job_id)
+        names = [a.name for a in job.artifacts if a.name.startswith(prefix)]
+    if not names:
+        return error_response(404, "not_found", f"job {job_id} has no artifacts under {prefix!r}")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in names:
+            zf.writestr(name, svc.storage.get_bytes(job_key(job_id, name)))
+    stem = prefix.strip("/").replace("/", "-") or "artifacts"
+    return Response(
+        buf.getvalue(),
+        mimetype="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-{stem}.zip"'},
+    )
+
+
+@bp.get("/kinds")
+def list_kinds():
+    return jsonify({"kinds": kinds_schema()})
+
+
+@bp.get("/healthz", endpoint="healthz_v1")
+def healthz_v1():
+    return healthz()
+
+
+def healthz():
+    svc = services()
+    checks: dict[str, dict] = {}
+
+    def probe(name: str, fn) -> None:
+        try:
+            fn()
+            checks[name] = {"ok": True}
+        except Exception as exc:  # reported, not raised: this endpoint's job is to tell
+            checks[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def db():
+        with svc.sessions() as session:
+            session.execute(text("SELECT 1"))
+
+    def broker():
+        with svc.producer.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+
+    probe("database", db)
+    probe("broker", broker)
+    probe("storage", svc.storage.check)
+    ok = all(c["ok"] for c in checks.values())
+    return jsonify({"ok": ok, "checks": checks}), 200 if ok else 503

@@ -1,0 +1,149 @@
+"""What a runner gets: progress, artifacts, cancellation, model resolution, logger, device.
+
+Runners never import Celery; everything they need from the service comes through here.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import mimetypes
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from shared import jobs
+from shared.config import Settings
+from shared.errors import JobCancelled, LeaseLost, ModelNotFound
+from shared.models import Job, JobStatus
+from shared.storage import Storage, file_digest, job_key
+
+
+def artifact_kind(name: str, content_type: str) -> str:
+    if name.startswith("model/"):
+        return "model"
+    if content_type.startswith("image/"):
+        return "image"
+    return "file"
+
+
+class JobContext:
+    def __init__(self, settings: Settings, sessions, storage: Storage, job_id: str, token: int, logger: logging.Logger):
+        self.settings = settings
+        self.sessions = sessions
+        self.storage = storage
+        self.job_id = job_id
+        self.token = token
+        self.log = logger
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"diffqueue-{job_id}-"))
+        self._last_progress_write = 0.0
+        self._last_cancel_check = 0.0
+        self._phase: str | None = None
+
+    # ------------------------------------------------------------- progress
+    def progress(self, step: int, total: int | None, message: str | None = None, phase: str | None = None) -> None:
+        """Report progress; DB writes are throttled except for a new phase and the last step."""
+        new_phase = phase is not None and phase != self._phase
+        if new_phase:
+            self._phase = phase
+        now = time.monotonic()
+        due = now - self._last_progress_write >= self.settings.progress_interval_s
+        if not (due or new_phase or step == total):
+            return
+        self._last_progress_write = now
+        with self.sessions() as session:
+            if not jobs.report_progress(session, self.job_id, self.token, step, total, message, new_phase):
+                raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelled if a cancel was requested (checked at most every interval)."""
+        now = time.monotonic()
+        if now - self._last_cancel_check < self.settings.cancel_check_interval_s:
+            return
+        self._last_cancel_check = now
+        with self.sessions() as session:
+            if jobs.cancel_requested(session, self.job_id):
+                raise JobCancelled(f"job {self.job_id} cancelled")
+
+    # ------------------------------------------------------------ artifacts
+    def write_file(self, name: str, path: Path, content_type: str | None = None, meta: dict | None = None) -> None:
+        content_type = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        size, sha = file_digest(path)
+        self.storage.put_file(job_key(self.job_id, name), path, content_type)
+        with self.sessions() as session:
+            ok = jobs.record_artifact(
+                session, self.job_id, self.token, name, artifact_kind(name, content_type), content_type, size, sha, meta
+            )
+        if not ok:
+            raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
+
+    def write_bytes(self, name: str, data: bytes, content_type: str | None = None, meta: dict | None = None) -> None:
+        path = self.workdir / "out" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.write_file(name, path, content_type, meta)
+
+    def write_json(self, name: str, obj) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=2).encode(), "application/json")
+
+    def write_image(self, name: str, image, meta: dict | None = None) -> None:
+        """Save a PIL image as PNG, with `meta` as PNG text chunks too."""
+        from PIL import PngImagePlugin
+
+        info = PngImagePlugin.PngInfo()
+        for key, value in (meta or {}).items():
+            info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", pnginfo=info)
+        self.write_bytes(name, buf.getvalue(), "image/png", meta)
+
+    def write_dir(self, prefix: str, folder: Path) -> None:
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            self.write_file(f"{prefix}/{path.relative_to(folder).as_posix()}", path)
+
+    # --------------------------------------------------------------- models
+    def resolve_model(self, ref: str) -> Path:
+        """A local folder for `job:<id>` (a finished training job's model/) or a name
+        under DIFFQUEUE_MODELS_DIR."""
+        if ref.startswith("job:"):
+            return self._job_model(ref[4:])
+        root = self.settings.models_dir
+        if root is None:
+            raise ModelNotFound(f"model {ref!r}: DIFFQUEUE_MODELS_DIR is not set, so only job:<id> models are available")
+        path = (Path(root) / ref).resolve()
+        if Path(root).resolve() not in path.parents or not path.is_dir():
+            raise ModelNotFound(f"model {ref!r} is not a folder under {root}")
+        return path
+
+    def _job_model(self, source_id: str) -> Path:
+        with self.sessions() as session:
+            job = session.get(Job, source_id)
+            if job is None:
+                raise ModelNotFound(f"model job:{source_id}: no such job")
+            if job.status != JobStatus.SUCCEEDED.value:
+                raise ModelNotFound(f"model job:{source_id}: that job is {job.status}, not succeeded")
+            files = [(a.name, a.sha256) for a in job.artifacts if a.name.startswith("model/")]
+        if not files:
+            raise ModelNotFound(f"model job:{source_id}: that job produced no model/ artifacts")
+        # Cached per source job and content: a finished job's model never changes.
+        digest = sorted(sha for _, sha in files)[0][:12]
+        dest = Path(self.settings.cache_dir) / "job-models" / f"{source_id}-{digest}"
+        if not (dest / ".complete").exists():
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
+            for name, _ in files:
+                self.storage.download(job_key(source_id, name), tmp / name[len("model/"):])
+            (tmp / ".complete").touch()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.move(str(tmp), dest)
+        return dest
+
+    @property
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)

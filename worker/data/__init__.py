@@ -1,0 +1,1 @@
+"""Dataset loaders for training jobs."""

@@ -1,0 +1,17 @@
+"""Celery tasks. They are thin: ids in, and the executor does the work."""
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.broker import RUN_JOB_TASK
+from shared.config import Settings
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    from worker.executor import Executor
+
+    executor = Executor(settings)
+
+    @app.task(name=RUN_JOB_TASK, bind=True)
+    def run_job(self, job_id: str) -> str:
+        return executor.perform(job_id, worker=self.request.hostname or "worker")
