@@ -1,0 +1,229 @@
+"""Fixtures: settings, app and client, real services (PostgreSQL, Redis, an S3 server),
+real web and worker processes, and tiny models.
+
+Services: PostgreSQL at 127.0.0.1:5432 and Redis at 127.0.0.1:6379 are expected to
+be running; an S3 endpoint is started here (moto's server mode) on a free port. With
+DIFFQUEUE_TEST_SERVICES=1 a missing service is an error, otherwise a skip.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+
+from shared.config import Settings
+from shared.db import make_engine, upgrade
+
+PG_ADMIN_DSN = os.environ.get("DIFFQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+SERVICES_REQUIRED = os.environ.get("DIFFQUEUE_TEST_SERVICES") == "1"
+S3_BUCKET = "diffqueue-test"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def service_unavailable(what: str, why: str):
+    msg = f"{what} unavailable: {why}"
+    if SERVICES_REQUIRED:
+        pytest.fail(msg + " (DIFFQUEUE_TEST_SERVICES=1 makes this an error)")
+    pytest.skip(msg + " (set DIFFQUEUE_TEST_SERVICES=1 to make this an error)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ settings
+@pytest.fixture
+def sqlite_settings(tmp_path) -> Settings:
+    """The embedded default in a temp dir, migrated, with no progress throttling."""
+    settings = replace(Settings.embedded(tmp_path / "data"), progress_interval_s=0.0, cancel_check_interval_s=0.0,
+                       csrf_enabled=False)
+    upgrade(settings.database_url)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> str:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    try:
+        import psycopg
+
+        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
+    except Exception as exc:
+        service_unavailable("PostgreSQL at 127.0.0.1:5432", str(exc))
+    name = f"diffqueue_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    url = f"{base}/{name}"
+    yield url
+    make_engine(url).dispose()
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_database) -> str:
+    """The session's PostgreSQL database, migrated to head."""
+    upgrade(pg_database)
+    return pg_database
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis database number of its own, flushed before use."""
+    import redis
+
+    db = 1 + uuid.uuid4().int % 15
+    client = redis.Redis(REDIS_HOST, REDIS_PORT, db=db, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except Exception as exc:
+        service_unavailable(f"Redis at {REDIS_HOST}:{REDIS_PORT}", str(exc))
+    client.flushdb()
+    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3-compatible HTTP server (moto's server mode) on a free loopback port."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        service_unavailable("moto server", str(exc))
+    for key, value in AWS_ENV.items():
+        os.environ.setdefault(key, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def prod_settings(tmp_path, pg_url, redis_url, s3_endpoint) -> Settings:
+    """Postgres + Redis + S3, as in production."""
+    return replace(
+        Settings.embedded(tmp_path / "data"),
+        database_url=pg_url,
+        broker_url=redis_url,
+        storage_url=f"s3://{S3_BUCKET}/run-{uuid.uuid4().hex[:8]}",
+        s3_endpoint_url=s3_endpoint,
+        progress_interval_s=0.0,
+        cancel_check_interval_s=0.0,
+        csrf_enabled=False,
+    )
+
+
+@pytest.fixture
+def app(sqlite_settings):
+    from web import create_app
+
+    return create_app(sqlite_settings)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+# ------------------------------------------------------- real processes
+class Services:
+    """Real `diffqueue web` and `diffqueue worker` processes for one test."""
+
+    def __init__(self, settings: Settings, logdir: Path):
+        self.settings = settings
+        self.logdir = logdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **AWS_ENV, **settings.as_env(), "DIFFQUEUE_TORCH_THREADS": "1"}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_web(self):
+        self.start("web", ["web", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.procs["web"].poll() is not None:
+                raise RuntimeError("web exited:\n" + self.log("web"))
+            try:
+                if requests.get(self.url + "/healthz", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("web did not become healthy:\n" + self.log("web"))
+
+    def start_worker(self, name: str = "worker"):
+        return self.start(name, ["worker", "--queues", "gpu,cpu", "--loglevel", "info"])
+
+    def log(self, name: str) -> str:
+        return (self.logdir / f"{name}.log").read_text(errors="replace")[-8000:]
+
+    def api(self, method: str, path: str, **kw) -> requests.Response:
+        return requests.request(method, f"{self.url}/api/v1{path}", timeout=30, **kw)
+
+    def wait_for(self, job_id: str, predicate, timeout_s: float = 180, what: str = "condition") -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.api("GET", f"/jobs/{job_id}").json()
+            if predicate(job):
+                return job
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise AssertionError(f"{name} exited ({proc.returncode}) while waiting:\n{self.log(name)}")
+            time.sleep(0.2)
+        logs = "\n".join(f"--- {n}\n{self.log(n)}" for n in self.procs)
+        raise AssertionError(f"timed out waiting for {what} on job {job_id}: {job}\n{logs}")
+
+    def wait_finished(self, job_id: str, timeout_s: float = 180) -> dict:
+        return self.wait_for(job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout_s,
+                             "a finished status")
+
+    def stop(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def start_services(tmp_path):
+    started: list[Services] = []
+
+    def start(settings: Settings) -> Services:
+        svc = Services(settings, tmp_path)
+        started.append(svc)
+        svc.start_web()
+        svc.start_worker()
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop()
