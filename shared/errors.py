@@ -33,6 +33,10 @@ class JobCancelled(DiffqueueError):
     """Raised inside a runner at a step boundary once a cancel was requested."""
 
 
+class WorkerShuttingDown(DiffqueueError):
+    """Raised inside a runner at a step boundary when its worker is stopping (SIGTERM)."""
+
+
 class LeaseLost(DiffqueueError):
     """This execution no longer owns the job (its fencing token is stale)."""
 

@@ -210,6 +210,18 @@ def finish(
     return ok
 
 
+def release(session: Session, job_id: str, token: int, message: str) -> bool:
+    """Hand a running job back to the queue (its worker is shutting down). The
+    caller publishes it again; the next claim increments the attempt."""
+    ok = session.execute(
+        update(Job)
+        .where(*_owned(job_id, token))
+        .values(status=JobStatus.QUEUED.value, worker=None, published_at=None, progress_message=message)
+    ).rowcount == 1
+    session.commit()
+    return ok
+
+
 def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
     """Remaining time, extrapolated from the current phase's rate so far."""
     if job.job_status is not JobStatus.RUNNING or not job.progress_total or not job.progress_step:

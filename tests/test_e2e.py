@@ -7,6 +7,8 @@ load it with DDPMPipeline.from_pretrained, sample from it over the API.
 from __future__ import annotations
 
 import io
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -141,3 +143,24 @@ def test_cancel_running_training(sqlite_settings, start_services):
     assert {"loss.csv", "loss.png"} <= names and not any(n.startswith("model/") for n in names)
     # A finished job cannot be cancelled again; it can be retried.
     assert svc.api("POST", f"/jobs/{job_id}/cancel").status_code == 409
+
+
+def test_sigterm_requeues_running_job(sqlite_settings, start_services):
+    """SIGTERM the worker mid-training: the job goes back to the queue (not lost, not
+    stuck running) and the next worker runs it to success as attempt 2."""
+    svc = start_services(sqlite_settings)
+    resp = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": {"max_steps": 40, "sample_steps": 2,
+                                                                            "num_samples": 1}})
+    job_id = resp.json()["id"]
+    svc.wait_for(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 3, what="training steps")
+    worker = svc.procs.pop("worker")
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    job = svc.api("GET", f"/jobs/{job_id}").json()
+    assert job["status"] == "queued" and job["attempt"] == 1, job
+    assert "worker shut down" in job["progress"]["message"]
+
+    svc.start_worker("worker2")
+    job = svc.wait_finished(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempt"] == 2

@@ -10,12 +10,13 @@ import logging
 import mimetypes
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from shared import jobs
 from shared.config import Settings
-from shared.errors import JobCancelled, LeaseLost, ModelNotFound
+from shared.errors import JobCancelled, LeaseLost, ModelNotFound, WorkerShuttingDown
 from shared.models import Job, JobStatus
 from shared.storage import Storage, file_digest, job_key
 
@@ -29,8 +30,18 @@ def artifact_kind(name: str, content_type: str) -> str:
 
 
 class JobContext:
-    def __init__(self, settings: Settings, sessions, storage: Storage, job_id: str, token: int, logger: logging.Logger):
+    def __init__(
+        self,
+        settings: Settings,
+        sessions,
+        storage: Storage,
+        job_id: str,
+        token: int,
+        logger: logging.Logger,
+        stopping: threading.Event | None = None,
+    ):
         self.settings = settings
+        self.stopping = stopping or threading.Event()
         self.sessions = sessions
         self.storage = storage
         self.job_id = job_id
@@ -57,7 +68,11 @@ class JobContext:
                 raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
 
     def check_cancelled(self) -> None:
-        """Raise JobCancelled if a cancel was requested (checked at most every interval)."""
+        """Call at every step boundary. Raises WorkerShuttingDown when the worker is
+        stopping, and JobCancelled once a cancel was requested (the DB is read at
+        most every `cancel_check_interval_s`)."""
+        if self.stopping.is_set():
+            raise WorkerShuttingDown(f"job {self.job_id}: worker is shutting down")
         now = time.monotonic()
         if now - self._last_cancel_check < self.settings.cancel_check_interval_s:
             return

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import traceback
+
+from celery import Celery
+from celery.exceptions import Reject
 
 from shared import jobs
 from shared.config import Settings
 from shared.db import check_migrated, make_engine, make_sessionmaker
-from shared.errors import JobCancelled, LeaseLost
+from shared.errors import JobCancelled, LeaseLost, WorkerShuttingDown
 from shared.models import Job, JobStatus
 from shared.specs import validate_params
 from shared.storage import make_storage
@@ -24,10 +28,14 @@ log = logging.getLogger(__name__)
 
 
 class Executor:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, app: Celery):
         self.settings = settings
+        self.app = app
+        # Set from the worker's SIGTERM handler; the running job sees it at its next step.
+        self.stopping = threading.Event()
         engine = make_engine(settings.database_url)
         check_migrated(engine)
+        engine.dispose()  # no pooled connection may cross a fork into pool children
         self.sessions = make_sessionmaker(engine)
         self.storage = make_storage(settings)
         if settings.torch_threads:
@@ -37,6 +45,9 @@ class Executor:
 
     def perform(self, job_id: str, worker: str) -> str:
         worker_id = f"{worker}:{os.getpid()}"
+        if self.stopping.is_set():
+            # A message fetched during shutdown goes back to the broker unclaimed.
+            raise Reject("worker shutting down", requeue=True)
         with self.sessions() as session:
             token = jobs.claim(session, job_id, worker_id)
             if token is None:
@@ -46,13 +57,15 @@ class Executor:
             kind, params = job.kind, job.params
         log.info("job %s (%s) claimed by %s, attempt %d", job_id, kind, worker_id, token)
 
-        ctx = JobContext(self.settings, self.sessions, self.storage, job_id, token, log)
+        ctx = JobContext(self.settings, self.sessions, self.storage, job_id, token, log, self.stopping)
         status, result, error, tb = JobStatus.SUCCEEDED, None, None, None
         try:
             spec = validate_params(kind, params)
             result = RUNNERS[kind](spec, ctx) or {}
         except JobCancelled:
             status, error = JobStatus.CANCELLED, "cancelled by request"
+        except WorkerShuttingDown:
+            return self._requeue(job_id, token)
         except LeaseLost:
             log.warning("job %s: this execution lost its claim; leaving the row alone", job_id)
             return "lease-lost"
@@ -68,3 +81,13 @@ class Executor:
                 return "lease-lost"
         log.info("job %s %s", job_id, status.value)
         return status.value
+
+    def _requeue(self, job_id: str, token: int) -> str:
+        """The worker is stopping: give the job back to the queue for another worker."""
+        with self.sessions() as session:
+            if not jobs.release(session, job_id, token, "re-queued: its worker shut down"):
+                return "lease-lost"
+            job = session.get(Job, job_id)
+        jobs.publish(self.sessions, self.app, job)
+        log.warning("job %s re-queued: worker shutting down", job_id)
+        return "requeued"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_shutting_down
 
 from shared.broker import RUN_JOB_TASK
 from shared.config import Settings
@@ -10,7 +11,11 @@ from shared.config import Settings
 def register_tasks(app: Celery, settings: Settings) -> None:
     from worker.executor import Executor
 
-    executor = Executor(settings)
+    executor = Executor(settings, app)
+
+    @worker_shutting_down.connect(weak=False)
+    def _stop_running_job(**_):
+        executor.stopping.set()
 
     @app.task(name=RUN_JOB_TASK, bind=True)
     def run_job(self, job_id: str) -> str:

@@ -1,0 +1,75 @@
+"""The CLI as a user runs it: `diffqueue up`, then submit / wait / status / download."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(*args, env, check=True, timeout=120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_up_submit_wait_download_and_ctrl_c(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DIFFQUEUE_URL": url, "DIFFQUEUE_TORCH_THREADS": "1"}
+    log = open(tmp_path / "up.log", "w")
+    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--data-dir",
+                           str(tmp_path / "data")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "diffqueue is up" not in (tmp_path / "up.log").read_text():
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.3)
+        assert (tmp_path / "data" / "diffqueue.db").exists()
+        assert requests.get(url + "/healthz", timeout=5).json()["ok"]
+
+        params = tmp_path / "params.json"
+        params.write_text(json.dumps({"max_steps": 8, "num_samples": 2}))
+        job_id = cli("submit", "ddpm.train", "--json", str(params), "-p", "sample_steps=3", env=env).stdout.strip()
+        assert len(job_id) == 32
+        waited = cli("wait", job_id, "--interval", "0.3", "--timeout", "120", env=env)
+        assert f"job {job_id} succeeded" in waited.stdout
+        status = json.loads(cli("status", job_id, env=env).stdout)
+        assert status["params"]["max_steps"] == 8 and status["params"]["sample_steps"] == 3
+        assert status["params"]["image_size"] == 16  # filled from the tiny preset
+
+        dest = tmp_path / "dl"
+        cli("download", job_id, str(dest), env=env)
+        assert (dest / "model" / "model_index.json").is_file()
+        assert Image.open(dest / "samples.png").size[0] > 16
+
+        # A failing job: `wait` exits non-zero and prints the error.
+        bad = cli("submit", "ddpm.sample", "-p", "model=job:" + "f" * 32, env=env).stdout.strip()
+        failed = cli("wait", bad, "--interval", "0.3", env=env, check=False)
+        assert failed.returncode == 1 and "no such job" in failed.stdout
+
+        # Bad params: the CLI shows the field and the bound, exits non-zero.
+        refused = cli("submit", "ddpm.train", "-p", "max_steps=0", env=env, check=False)
+        assert refused.returncode == 1 and "max_steps" in refused.stderr and "greater than or equal to 1" in refused.stderr
+    finally:
+        # Ctrl-C stops everything cleanly.
+        os.killpg(up.pid, signal.SIGINT)
+        code = up.wait(timeout=60)
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    assert "diffqueue: stopping" in (tmp_path / "up.log").read_text()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/healthz", timeout=2)
