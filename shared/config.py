@@ -38,8 +38,6 @@ class Settings:
     cancel_check_interval_s: float = 0.5
     # Where a worker keeps models it downloaded from storage (job:<id> references).
     cache_dir: Path = Path("/tmp/diffqueue-cache")
-    # Seconds to wait for the broker when publishing; the row stays queued otherwise.
-    publish_timeout_s: float = 5.0
     torch_threads: int | None = None
     csrf_enabled: bool = True
     # Where the CLI's client commands (submit, status, wait, download) find the API.

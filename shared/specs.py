@@ -175,6 +175,13 @@ KINDS: dict[str, Kind] = {
 }
 
 
+def validate_priority(value: Any) -> int:
+    """Job priority: an integer in [0, 9], higher runs first."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 9:
+        raise SpecError(f"priority must be an integer in [0, 9], got {value!r}", {"priority": "must be in [0, 9]"})
+    return value
+
+
 def _field_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p not in ("int", "list[int]")) or "params"
 
@@ -234,6 +241,11 @@ def kinds_schema() -> list[dict[str, Any]]:
             "description": (kind.spec.__doc__ or "").strip(),
             "schema": kind.spec.model_json_schema(),
         }
+        if kind.presets:
+            # Preset-filled fields have no static default; show the default preset's.
+            default_preset = entry["schema"]["properties"]["preset"]["default"]
+            for name, value in kind.presets[default_preset].items():
+                entry["schema"]["properties"][name]["default"] = value
         if kind.presets:
             entry["presets"] = {
                 name: {"params": values, "help": (kind.preset_help or {}).get(name, "")}

@@ -10,7 +10,7 @@ from sqlalchemy import select, text
 from shared import jobs
 from shared.errors import JobNotFound, SpecError
 from shared.models import Artifact, Job, JobStatus
-from shared.specs import KINDS, kinds_schema
+from shared.specs import KINDS, kinds_schema, validate_priority
 from shared.storage import job_key
 from web import services
 from web.errors import error_response
@@ -92,10 +92,8 @@ def create_job():
         raise SpecError(f"unknown top-level fields: {', '.join(unknown)}", {k: "unknown field" for k in unknown})
     if not isinstance(kind, str):
         raise SpecError("kind is required: one of " + ", ".join(sorted(KINDS)), {"kind": "required"})
-    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 9:
-        raise SpecError(f"priority must be an integer in [0, 9], got {priority!r}", {"priority": "must be in [0, 9]"})
     svc = services()
-    job = jobs.submit(svc.sessions, svc.producer, kind, params, priority)
+    job = jobs.submit(svc.sessions, svc.producer, kind, params, validate_priority(priority))
     with svc.sessions() as session:
         job = jobs.get_job(session, job.id)
         resp = jsonify(job_json(job))

@@ -10,7 +10,7 @@ from flask import Blueprint, redirect, render_template, request, url_for
 
 from shared import jobs
 from shared.errors import SpecError
-from shared.specs import KINDS, kinds_schema
+from shared.specs import KINDS, kinds_schema, validate_priority
 from web import services
 from web.api import healthz
 
@@ -101,9 +101,11 @@ def submit(kind: str):
     if request.method == "GET":
         return render_submit(kind, dict(request.args))
     params = parse_form(kind, request.form)
+    raw_priority = request.form.get("priority", "").strip() or "0"
     svc = services()
     try:
-        job = jobs.submit(svc.sessions, svc.producer, kind, params, int(request.form.get("priority") or 0))
+        priority = validate_priority(int(raw_priority) if raw_priority.lstrip("-").isdigit() else raw_priority)
+        job = jobs.submit(svc.sessions, svc.producer, kind, params, priority)
     except SpecError as exc:
         return render_submit(kind, dict(request.form), exc.fields, status=400)
     return redirect(url_for("pages.job_page", job_id=job.id))
