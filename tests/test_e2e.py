@@ -79,6 +79,9 @@ def train_sample_roundtrip(svc, tmp_path: Path) -> None:
         img = Image.open(io.BytesIO(fetch(a["url"])))
         assert img.size == (16, 16) and img.mode == "L"
         assert a["meta"]["class_label"] in {"1", "2", "3"}
+    preview = next(a for a in job["artifacts"] if a["name"] == "preview.png")
+    assert preview["meta"] == {"step": "5", "of": "5"}  # the last preview is of the final step
+    assert Image.open(io.BytesIO(fetch(preview["url"]))).width > 2 * 16
     grid = next(a for a in job["artifacts"] if a["name"] == "grid.png")
     assert Image.open(io.BytesIO(fetch(grid["url"]))).size[0] > 16
 

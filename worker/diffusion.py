@@ -18,11 +18,12 @@ def ddpm_denoise(
     generator: torch.Generator,
     device: str,
     class_labels: torch.Tensor | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[..., None] | None = None,
 ) -> torch.Tensor:
     """The loop of SEEDS.md §1/§4: start from noise, predict, `scheduler.step`.
     Returns images in [-1, 1] on the CPU. Noise is drawn on the CPU from `generator`
-    so a seed gives the same images on any device."""
+    so a seed gives the same images on any device. `on_step(i, n, x, pred_x0)` sees
+    the current sample and the model's guess of the final image after each step."""
     cfg = unet.config
     shape = (num_images, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     x = torch.randn(shape, generator=generator).to(device)
@@ -31,9 +32,10 @@ def ddpm_denoise(
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         noise_pred = unet(x, t, class_labels=labels).sample
-        x = scheduler.step(noise_pred, t, x, generator=generator).prev_sample
+        out = scheduler.step(noise_pred, t, x, generator=generator)
+        x = out.prev_sample
         if on_step is not None:
-            on_step(i + 1, len(timesteps))
+            on_step(i + 1, len(timesteps), x, out.pred_original_sample)
     return x.clamp(-1, 1).cpu()
 
 
@@ -52,6 +54,16 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) 
         r, c = divmod(i, cols)
         grid.paste(img, (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+def preview_figure(x: torch.Tensor, pred_x0: torch.Tensor) -> Image.Image:
+    """SEEDS.md §1's figure: the current x (left) beside the predicted x0 (right)."""
+    left = make_grid(to_pil(x.clamp(-1, 1).cpu()))
+    right = make_grid(to_pil(pred_x0.clamp(-1, 1).cpu()))
+    figure = Image.new(left.mode, (left.width * 2 + 8, left.height), 255 if left.mode == "L" else (255, 255, 255))
+    figure.paste(left, (0, 0))
+    figure.paste(right, (left.width + 8, 0))
+    return figure
 
 
 def seeded_generator(seed: int) -> torch.Generator:

@@ -1,6 +1,7 @@
 """ddpm.sample: sample images from a trained DDPM (a job's model or a local folder).
 
-Outputs `images/0000.png…` and `grid.png`.
+Outputs `images/0000.png…`, `grid.png`, and while it runs `preview.png`: the
+current x beside the predicted x0 for the first batch (SEEDS.md §1).
 """
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from shared.specs import DDPMSampleSpec
 from worker.context import JobContext
-from worker.diffusion import ddpm_denoise, make_grid, seeded_generator, to_pil
+from worker.diffusion import ddpm_denoise, make_grid, preview_figure, seeded_generator, to_pil
+
+PREVIEWS_PER_RUN = 8  # as the source material: every steps // 8 steps, and the last
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
@@ -44,11 +47,14 @@ def run(spec: DDPMSampleSpec, ctx: JobContext) -> dict:
     total = len(batches) * spec.steps
     ctx.progress(0, total, "sampling", phase="sample")
     images = []
+    preview_every = max(1, spec.steps // PREVIEWS_PER_RUN)
     for b, batch in enumerate(batches):
 
-        def on_step(i: int, n: int, b=b) -> None:
+        def on_step(i: int, n: int, x, pred_x0, b=b) -> None:
             ctx.check_cancelled()
             ctx.progress(b * spec.steps + i, total, f"batch {b + 1}/{len(batches)} step {i}/{n}")
+            if b == 0 and (i % preview_every == 0 or i == n):
+                ctx.write_image("preview.png", preview_figure(x, pred_x0), {"step": str(i), "of": str(n)})
 
         batch_labels = labels[batch.start : batch.stop] if labels is not None else None
         out = ddpm_denoise(unet, scheduler, len(batch), spec.steps, generator, device, batch_labels, on_step)

@@ -115,7 +115,7 @@ def run(spec: DDPMTrainSpec, ctx: JobContext) -> dict:
     n = spec.num_samples
     sample_labels = torch.arange(n) % NUM_CLASSES if num_classes else None
 
-    def on_sample_step(i: int, total: int) -> None:
+    def on_sample_step(i: int, total: int, *_) -> None:
         ctx.check_cancelled()
         ctx.progress(i, total, f"sampling {i}/{total}", phase="sample")
 
