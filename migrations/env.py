@@ -1,6 +1,5 @@
 """Alembic environment: the URL comes from diffqueue's config, or `-x url=...`."""
 from alembic import context
-from sqlalchemy import pool
 
 from shared.config import Settings
 from shared.db import make_engine

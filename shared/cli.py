@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from shared.config import Settings
 from shared.db import check_migrated, make_engine, upgrade
@@ -23,7 +24,7 @@ SHUTDOWN_GRACE_S = 20
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
-def fail(message: str, code: int = 1) -> "NoReturn":  # noqa: F821
+def fail(message: str, code: int = 1) -> NoReturn:
     print(f"diffqueue: {message}", file=sys.stderr)
     sys.exit(code)
 

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator, Protocol
+from typing import Iterator, Protocol
 from urllib.parse import unquote, urlparse
 
 from shared.config import Settings

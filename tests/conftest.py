@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import requests
 
 from shared.config import Settings
-from shared.db import make_engine, upgrade
+from shared.db import upgrade
 
 PG_ADMIN_DSN = os.environ.get("DIFFQUEUE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -53,23 +54,30 @@ def sqlite_settings(tmp_path) -> Settings:
     return settings
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> str:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
+@contextmanager
+def fresh_pg_database(prefix: str):
+    """Create an empty PostgreSQL database, yield its SQLAlchemy URL, drop it after."""
     try:
         import psycopg
 
         admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
     except Exception as exc:
         service_unavailable("PostgreSQL at 127.0.0.1:5432", str(exc))
-    name = f"diffqueue_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    url = f"{base}/{name}"
-    yield url
-    make_engine(url).dispose()
-    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> str:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    with fresh_pg_database("diffqueue_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

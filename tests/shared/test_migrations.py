@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from shared.config import Settings
 from shared.db import alembic_config, check_migrated, current_revision, head_revision, make_engine, upgrade
 from shared.errors import DatabaseNotMigrated
 from shared.models import Base
-from tests.conftest import PG_ADMIN_DSN, service_unavailable
+from tests.conftest import fresh_pg_database
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,20 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def fresh_pg_url():
     """An empty PostgreSQL database of this test's own, dropped afterwards."""
-    try:
-        import psycopg
-
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except Exception as exc:
-        service_unavailable("PostgreSQL at 127.0.0.1:5432", str(exc))
-    name = f"diffqueue_mig_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_pg_database("diffqueue_mig") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
