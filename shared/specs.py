@@ -246,7 +246,6 @@ def kinds_schema() -> list[dict[str, Any]]:
             default_preset = entry["schema"]["properties"]["preset"]["default"]
             for name, value in kind.presets[default_preset].items():
                 entry["schema"]["properties"][name]["default"] = value
-        if kind.presets:
             entry["presets"] = {
                 name: {"params": values, "help": (kind.preset_help or {}).get(name, "")}
                 for name, values in kind.presets.items()

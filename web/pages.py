@@ -104,8 +104,11 @@ def submit(kind: str):
     raw_priority = request.form.get("priority", "").strip() or "0"
     svc = services()
     try:
-        priority = validate_priority(int(raw_priority) if raw_priority.lstrip("-").isdigit() else raw_priority)
-        job = jobs.submit(svc.sessions, svc.producer, kind, params, priority)
+        try:
+            priority = int(raw_priority)
+        except ValueError:
+            priority = raw_priority  # not a number: validate_priority names the field
+        job = jobs.submit(svc.sessions, svc.producer, kind, params, validate_priority(priority))
     except SpecError as exc:
         return render_submit(kind, dict(request.form), exc.fields, status=400)
     return redirect(url_for("pages.job_page", job_id=job.id))
