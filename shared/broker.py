@@ -17,7 +17,12 @@ MAX_PRIORITY = 9
 
 def celery_config(settings: Settings) -> dict:
     queues = sorted(set(QUEUES) | {settings.default_queue})
-    transport_options: dict = {"priority_steps": list(range(MAX_PRIORITY + 1)), "queue_order_strategy": "priority"}
+    transport_options: dict = {
+        "priority_steps": list(range(MAX_PRIORITY + 1)),
+        "queue_order_strategy": "priority",
+        # An unacked message (its worker died) is delivered again after this long.
+        "visibility_timeout": settings.visibility_timeout_s,
+    }
     if settings.broker_url.startswith("sqla+"):
         transport_options = {}  # kombu passes these to create_engine for this transport
     return {

@@ -40,6 +40,14 @@ class Settings:
     cache_dir: Path = Path("/tmp/diffqueue-cache")
     torch_threads: int | None = None
     csrf_enabled: bool = True
+    # A running job's lease, renewed by the worker's heartbeat every heartbeat_s.
+    lease_s: float = 60.0
+    heartbeat_s: float = 10.0
+    # Redis only: an unacked message goes back to the queue after this long (kombu's
+    # visibility_timeout). A job still holding its lease then is not run twice.
+    visibility_timeout_s: int = 3600
+    # Test-only fault injection, e.g. "checkpoint.published@4=pause" (see worker/failpoints.py).
+    failpoints: str = ""
     # Where the CLI's client commands (submit, status, wait, download) find the API.
     api_url: str = "http://127.0.0.1:8000"
 
@@ -72,6 +80,10 @@ class Settings:
             torch_threads=int(threads) if threads else None,
             csrf_enabled=_bool(get("CSRF", "1")),
             api_url=get("URL", defaults.api_url),
+            lease_s=float(get("LEASE_S", defaults.lease_s)),
+            heartbeat_s=float(get("HEARTBEAT_S", defaults.heartbeat_s)),
+            visibility_timeout_s=int(get("VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s)),
+            failpoints=get("FAILPOINTS", defaults.failpoints),
         )
 
     @classmethod
@@ -99,6 +111,10 @@ class Settings:
             "CANCEL_CHECK_INTERVAL_S": str(self.cancel_check_interval_s),
             "CACHE_DIR": str(self.cache_dir),
             "CSRF": "1" if self.csrf_enabled else "0",
+            "LEASE_S": str(self.lease_s),
+            "HEARTBEAT_S": str(self.heartbeat_s),
+            "VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
+            "FAILPOINTS": self.failpoints,
         }
         optional = {
             "MODELS_DIR": self.models_dir,

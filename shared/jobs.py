@@ -6,11 +6,11 @@ for which status may follow which live here and nowhere else.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.broker import MAX_PRIORITY, RUN_JOB_TASK
@@ -127,18 +127,23 @@ def retry(session: Session, job_id: str) -> Job:
 
 
 # ------------------------------------------------------------------ worker side
-def claim(session: Session, job_id: str, worker: str) -> int | None:
-    """Atomically move a queued job to running. Returns the fencing token (the new
-    attempt number), or None when the job is not claimable: a duplicate delivery,
-    an already cancelled job, or an unknown id."""
+def claim(session: Session, job_id: str, worker: str, lease_s: float) -> int | None:
+    """Atomically move a job to running under a lease of `lease_s` seconds.
+
+    Claimable: a queued job, or a running one whose lease has expired (its worker
+    died; the broker delivered the message again). Returns the fencing token (the
+    new attempt number), or None when the job is not claimable: a duplicate
+    delivery while the lease is live, a finished or cancelled job, or an unknown id."""
     now = utcnow()
+    orphaned = and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
+        .where(Job.id == job_id, or_(Job.status == JobStatus.QUEUED.value, orphaned), Job.cancel_requested.is_(False))
         .values(
             status=JobStatus.RUNNING.value,
             attempt=Job.attempt + 1,
             worker=worker,
+            lease_expires_at=now + timedelta(seconds=lease_s),
             started_at=now,
             progress_started_at=now,
             progress_step=0,
@@ -149,6 +154,15 @@ def claim(session: Session, job_id: str, worker: str) -> int | None:
     if result.rowcount != 1:
         return None
     return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+def renew_lease(session: Session, job_id: str, token: int, lease_s: float) -> bool:
+    """The heartbeat: push the lease forward. False once this execution lost the job."""
+    ok = session.execute(
+        update(Job).where(*_owned(job_id, token)).values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    ).rowcount == 1
+    session.commit()
+    return ok
 
 
 def _owned(job_id: str, token: int):
@@ -191,6 +205,15 @@ def record_artifact(
     return True
 
 
+def delete_artifact(session: Session, job_id: str, token: int, name: str) -> bool:
+    """Drop an artifact row (an old checkpoint), if this execution still owns the job."""
+    owned = session.scalar(select(func.count()).select_from(Job).where(*_owned(job_id, token)))
+    if owned:
+        session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    session.commit()
+    return bool(owned)
+
+
 def finish(
     session: Session,
     job_id: str,
@@ -202,7 +225,9 @@ def finish(
 ) -> bool:
     """Record the outcome, conditional on the token. Returns False for a stale execution."""
     assert status.is_finished, status
-    values: dict[str, Any] = {"status": status.value, "finished_at": utcnow(), "error": error, "traceback": traceback}
+    values: dict[str, Any] = {
+        "status": status.value, "finished_at": utcnow(), "lease_expires_at": None, "error": error, "traceback": traceback,
+    }
     if result is not None:
         values["result"] = result
     ok = session.execute(update(Job).where(*_owned(job_id, token)).values(**values)).rowcount == 1
@@ -216,7 +241,8 @@ def release(session: Session, job_id: str, token: int, message: str) -> bool:
     ok = session.execute(
         update(Job)
         .where(*_owned(job_id, token))
-        .values(status=JobStatus.QUEUED.value, worker=None, published_at=None, progress_message=message)
+        .values(status=JobStatus.QUEUED.value, worker=None, lease_expires_at=None, published_at=None,
+                progress_message=message)
     ).rowcount == 1
     session.commit()
     return ok

@@ -93,6 +93,9 @@ class Job(Base):
     # write by a running execution is conditional on the value it claimed with.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # A running job's claim: its worker's heartbeat pushes this forward; once it
+    # has passed, a redelivered message may claim the job again (attempt + 1).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, onupdate=utcnow)

@@ -49,7 +49,7 @@ class Executor:
             # A message fetched during shutdown goes back to the broker unclaimed.
             raise Reject("worker shutting down", requeue=True)
         with self.sessions() as session:
-            token = jobs.claim(session, job_id, worker_id)
+            token = jobs.claim(session, job_id, worker_id, self.settings.lease_s)
             if token is None:
                 log.info("job %s not claimable (duplicate delivery, cancelled or unknown); dropping", job_id)
                 return "skipped"

@@ -49,7 +49,7 @@ def load(factory, job_id: str) -> Job:
 def claimed(factory, worker: str = "w1") -> tuple[str, int]:
     job_id = insert_job(factory)
     with factory() as session:
-        token = jobs.claim(session, job_id, worker)
+        token = jobs.claim(session, job_id, worker, 60)
     assert token == 1
     return job_id, token
 
@@ -58,8 +58,8 @@ def claimed(factory, worker: str = "w1") -> tuple[str, int]:
 def test_claim_once(factory):
     job_id = insert_job(factory)
     with factory() as session:
-        assert jobs.claim(session, job_id, "w1") == 1
-        assert jobs.claim(session, job_id, "w2") is None
+        assert jobs.claim(session, job_id, "w1", 60) == 1
+        assert jobs.claim(session, job_id, "w2", 60) is None
     job = load(factory, job_id)
     assert job.status == "running"
     assert job.attempt == 1
@@ -68,9 +68,27 @@ def test_claim_once(factory):
     assert job.progress_started_at is not None
 
 
+def test_expired_lease_can_be_claimed_again(factory):
+    """A redelivered message takes over a running job only once its lease expired;
+    the old execution's token then writes nothing, and renewals keep a lease live."""
+    job_id = insert_job(factory)
+    with factory() as session:
+        assert jobs.claim(session, job_id, "w1", 0.2) == 1
+        assert jobs.renew_lease(session, job_id, 1, 0.2)
+        assert jobs.claim(session, job_id, "w2", 60) is None  # live lease: a duplicate
+    time.sleep(0.3)
+    with factory() as session:
+        assert jobs.claim(session, job_id, "w2", 60) == 2
+        assert not jobs.renew_lease(session, job_id, 1, 60)
+        assert not jobs.report_progress(session, job_id, 1, 1, 10, "stale")
+        assert jobs.finish(session, job_id, 2, JobStatus.SUCCEEDED)
+    job = load(factory, job_id)
+    assert (job.worker, job.attempt, job.status, job.lease_expires_at) == ("w2", 2, "succeeded", None)
+
+
 def test_claim_unknown_job(factory):
     with factory() as session:
-        assert jobs.claim(session, "0" * 32, "w1") is None
+        assert jobs.claim(session, "0" * 32, "w1", 60) is None
 
 
 def test_claim_race_has_one_winner(factory):
@@ -82,7 +100,7 @@ def test_claim_race_has_one_winner(factory):
         with factory() as session:
             barrier.wait()
             try:
-                results[name] = jobs.claim(session, job_id, name)
+                results[name] = jobs.claim(session, job_id, name, 60)
             except Exception as exc:  # surfaced below: a loser must get None, not an error
                 results[name] = exc
 
@@ -148,7 +166,7 @@ def test_cancel_queued_job_is_immediate(factory):
     job = load(factory, job_id)
     assert job.status == "cancelled" and job.finished_at is not None
     with factory() as session:
-        assert jobs.claim(session, job_id, "w1") is None
+        assert jobs.claim(session, job_id, "w1", 60) is None
     assert load(factory, job_id).status == "cancelled"
 
 
@@ -199,7 +217,7 @@ def test_retry_failed_job(factory):
     assert job.cancel_requested is False
     # The next claim gets a new fencing token; the old one is stale.
     with factory() as session:
-        assert jobs.claim(session, job_id, "w2") == 2
+        assert jobs.claim(session, job_id, "w2", 60) == 2
         assert jobs.report_progress(session, job_id, token, 1, 2, "old execution") is False
 
 
@@ -214,7 +232,7 @@ def test_retry_cancelled_job(factory):
     job = load(factory, job_id)
     assert job.status == "queued" and job.cancel_requested is False
     with factory() as session:
-        assert jobs.claim(session, job_id, "w1") == 1
+        assert jobs.claim(session, job_id, "w1", 60) == 1
 
 
 @pytest.mark.parametrize("finish_as", [JobStatus.SUCCEEDED, None])
@@ -260,7 +278,7 @@ def test_list_jobs_filters(factory):
     a = insert_job(factory, kind="ddpm.sample")
     b = insert_job(factory, kind="ddpm.sample")
     with factory() as session:
-        jobs.claim(session, b, "w")
+        jobs.claim(session, b, "w", 60)
         rows, total = jobs.list_jobs(session, status="running", kind="ddpm.sample")
         ids = {r.id for r in rows}
         assert b in ids and a not in ids

@@ -229,7 +229,7 @@ def add_artifacts(settings, job_id: str, files: dict[str, tuple[bytes, str]]) ->
     factory = make_sessionmaker(engine)
     try:
         with factory() as session:
-            token = jobs.claim(session, job_id, "test-worker")
+            token = jobs.claim(session, job_id, "test-worker", 60)
             assert token == 1
             for name, (data, content_type) in files.items():
                 storage.put_bytes(job_key(job_id, name), data, content_type)
