@@ -235,3 +235,49 @@ def start_services(tmp_path):
     yield start
     for svc in started:
         svc.stop()
+
+
+# ------------------------------------------------------- in-process runs
+@pytest.fixture
+def run_inline(sqlite_settings):
+    """Run a job in this process through the real Executor (claim, runner, outcome),
+    with no broker: for tests of a runner's outputs. Returns the finished Job with
+    its artifacts loaded; `read(job, name)` gives an artifact's bytes."""
+    from shared.db import make_engine, make_sessionmaker, session_scope
+    from shared.models import Job
+    from shared.specs import KINDS, validate_params
+    from shared.storage import job_key, make_storage
+    from worker.executor import Executor
+
+    def run(kind: str, params: dict, settings: Settings | None = None) -> Job:
+        settings = settings or sqlite_settings
+        sessions = make_sessionmaker(make_engine(settings.database_url))
+        spec = validate_params(kind, params)
+        with session_scope(sessions) as session:
+            job = Job(kind=kind, params=spec.model_dump(mode="json"), queue=KINDS[kind].queue)
+            session.add(job)
+        Executor(settings, app=None).perform(job.id, "inline")
+        with sessions() as session:
+            job = session.get(Job, job.id)
+            job.artifacts  # load before the session closes
+            session.expunge(job)
+        job.read = lambda name: make_storage(settings).get_bytes(job_key(job.id, name))
+        return job
+
+    return run
+
+
+@pytest.fixture
+def tiny_ddpm_dir(sqlite_settings):
+    """A tiny random-weight DDPMPipeline (3 channels, 16 px) saved under MODELS_DIR
+    as `tiny-ddpm`, loaded later through the real diffusers loading code."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    path = Path(sqlite_settings.models_dir) / "tiny-ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    return path
