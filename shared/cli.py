@@ -2,13 +2,15 @@
 
 Service commands (`up`, `web`, `worker`, `db upgrade`) start processes by module
 name, so this module never imports `web` or `worker`. Client commands (`submit`,
-`status`, `wait`, `download`) talk to the JSON API over HTTP.
+`upload`, `status`, `wait`, `download`) talk to the JSON API over HTTP.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -129,11 +131,11 @@ def _api(settings: Settings, args) -> str:
     return (args.url or settings.api_url).rstrip("/") + "/api/v1"
 
 
-def _request(method: str, url: str, **kw):
+def _request(method: str, url: str, timeout: float = 30, **kw):
     import requests
 
     try:
-        resp = requests.request(method, url, timeout=30, **kw)
+        resp = requests.request(method, url, timeout=timeout, **kw)
     except requests.RequestException as exc:
         fail(f"cannot reach {url}: {exc}")
     if resp.status_code >= 400:
@@ -164,6 +166,59 @@ def cmd_submit(args, settings: Settings) -> None:
     body = {"kind": args.kind, "params": params, "priority": args.priority}
     job = _request("POST", _api(settings, args) + "/jobs", json=body).json()
     print(job["id"])
+
+
+class MultipartFile:
+    """A multipart/form-data body holding one file, read in chunks: requests streams
+    it with a Content-Length (from `len`) instead of building the body in memory."""
+
+    def __init__(self, field: str, path: Path):
+        self.boundary = secrets.token_hex(16)
+        filename = path.name.translate({ord(c): "_" for c in '"\r\n\\'})
+        head = (f'--{self.boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self.len = len(head) + path.stat().st_size + len(tail)
+        self.content_type = f"multipart/form-data; boundary={self.boundary}"
+        self.parts = [io.BytesIO(head), open(path, "rb"), io.BytesIO(tail)]
+
+    def read(self, size: int = -1) -> bytes:
+        out = b""
+        while self.parts and (size < 0 or len(out) < size):
+            chunk = self.parts[0].read(-1 if size < 0 else size - len(out))
+            if not chunk:
+                self.parts.pop(0).close()
+            out += chunk
+        return out
+
+    def __iter__(self):
+        return iter(lambda: self.read(1024 * 1024), b"")
+
+    def __enter__(self) -> "MultipartFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for part in self.parts:
+            part.close()
+
+
+def cmd_upload(args, settings: Settings) -> None:
+    path = Path(args.file)
+    if not path.is_file():
+        fail(f"{path}: no such file")
+    with MultipartFile("file", path) as body:
+        # The server checks every image header of a dataset before it answers: allow minutes.
+        upload = _request("POST", _api(settings, args) + "/uploads", timeout=600, data=body,
+                          headers={"Content-Type": body.content_type}).json()
+    kind, meta = upload["kind"], upload["meta"]
+    if kind == "dataset":
+        detail = f"{meta['num_images']} images, " + (f"{len(meta['classes'])} classes" if meta["classes"] else "unlabelled")
+    elif kind == "image":
+        detail = f"{meta['width']}x{meta['height']} {meta['mode']}"
+    else:
+        detail = f"{meta['num_prompts']} prompts"
+    print(f"{kind} {upload['filename']}: {detail}", file=sys.stderr)
+    print(upload["ref"])
 
 
 def cmd_status(args, settings: Settings) -> None:
@@ -228,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("worker", help="a Celery worker that runs jobs")
-    p.add_argument("--queues", default="gpu", help="comma-separated queues (gpu, cpu)")
+    p.add_argument("--queues", default="gpu,cpu", help="comma-separated queues (gpu, cpu)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--loglevel", default="info")
     p.set_defaults(func=cmd_worker)
@@ -248,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", "-p", action="append", metavar="KEY=VALUE", help="a param; VALUE is JSON or a string")
     p.add_argument("--json", metavar="FILE", help="params from a JSON file (--param entries override)")
     p.add_argument("--priority", type=int, default=0)
+
+    p = client("upload", "upload a dataset zip, an image or a prompts file and print its upload:<id> ref", cmd_upload)
+    p.add_argument("file")
 
     client("status", "print a job as JSON", cmd_status).add_argument("id")
 

@@ -50,6 +50,14 @@ class Settings:
     failpoints: str = ""
     # Where the CLI's client commands (submit, status, wait, download) find the API.
     api_url: str = "http://127.0.0.1:8000"
+    # Uploads (POST /api/v1/uploads): the request body, the images in a dataset zip,
+    # their declared uncompressed total, pixels per image, and each member's
+    # uncompressed/compressed ratio (a decompression-bomb guard).
+    upload_max_bytes: int = 1024**3
+    upload_max_files: int = 100_000
+    upload_max_uncompressed_bytes: int = 4 * 1024**3
+    upload_max_pixels: int = 4096 * 4096
+    upload_max_ratio: float = 200.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -84,6 +92,13 @@ class Settings:
             heartbeat_s=float(get("HEARTBEAT_S", defaults.heartbeat_s)),
             visibility_timeout_s=int(get("VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s)),
             failpoints=get("FAILPOINTS", defaults.failpoints),
+            upload_max_bytes=int(get("UPLOAD_MAX_BYTES", defaults.upload_max_bytes)),
+            upload_max_files=int(get("UPLOAD_MAX_FILES", defaults.upload_max_files)),
+            upload_max_uncompressed_bytes=int(
+                get("UPLOAD_MAX_UNCOMPRESSED_BYTES", defaults.upload_max_uncompressed_bytes)
+            ),
+            upload_max_pixels=int(get("UPLOAD_MAX_PIXELS", defaults.upload_max_pixels)),
+            upload_max_ratio=float(get("UPLOAD_MAX_RATIO", defaults.upload_max_ratio)),
         )
 
     @classmethod
@@ -115,6 +130,11 @@ class Settings:
             "HEARTBEAT_S": str(self.heartbeat_s),
             "VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
             "FAILPOINTS": self.failpoints,
+            "UPLOAD_MAX_BYTES": str(self.upload_max_bytes),
+            "UPLOAD_MAX_FILES": str(self.upload_max_files),
+            "UPLOAD_MAX_UNCOMPRESSED_BYTES": str(self.upload_max_uncompressed_bytes),
+            "UPLOAD_MAX_PIXELS": str(self.upload_max_pixels),
+            "UPLOAD_MAX_RATIO": str(self.upload_max_ratio),
         }
         optional = {
             "MODELS_DIR": self.models_dir,

@@ -47,3 +47,7 @@ class StorageError(DiffqueueError):
 
 class ModelNotFound(DiffqueueError):
     """A model reference resolved to nothing."""
+
+
+class UploadNotFound(DiffqueueError):
+    """An `upload:<id>` reference resolved to nothing, or to an upload of another kind."""

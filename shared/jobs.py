@@ -18,6 +18,7 @@ from shared.db import session_scope
 from shared.errors import InvalidTransition, JobNotFound
 from shared.models import Artifact, Job, JobStatus, utcnow
 from shared.specs import KINDS, validate_params
+from shared.uploads import check_upload_refs
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,15 @@ def submit(
     factory: sessionmaker[Session], producer: Celery, kind: str, params: Any, priority: int = 0
 ) -> Job:
     """Validate, insert a queued row, commit, then publish. The row is the truth:
-    if the publish fails, the row stays queued with no `published_at`."""
-    spec = validate_params(kind, params)
+    if the publish fails, the row stays queued with no `published_at`. An
+    `upload:<id>` param must name an upload of the field's kind (checked in the
+    same transaction, so a bad reference creates no job)."""
+    values = validate_params(kind, params).model_dump(mode="json")
     with session_scope(factory) as session:
+        check_upload_refs(session, KINDS[kind].spec, values)
         job = Job(
             kind=kind,
-            params=spec.model_dump(mode="json"),
+            params=values,
             priority=priority,
             queue=KINDS[kind].queue,
             status=JobStatus.QUEUED.value,

@@ -132,3 +132,21 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class Upload(Base):
+    """A file a user uploaded (a dataset zip, an image, a prompts file), checked on
+    the way in. Jobs refer to it as `upload:<id>`; the bytes are in storage under
+    `upload_key(id)`."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    filename: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))  # "dataset" | "image" | "prompts"
+    content_type: Mapped[str] = mapped_column(String(128))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # dataset: num_images, classes, uncompressed_bytes; image: width, height, mode; prompts: num_prompts
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)

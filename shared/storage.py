@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -21,6 +22,14 @@ CHUNK_BYTES = 1024 * 1024
 
 def job_key(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/{safe_name(name)}"
+
+
+def upload_key(upload_id: str) -> str:
+    """Where an upload's bytes live: `uploads/<id>/data` (the original filename is on
+    the row; the key depends on the id alone)."""
+    if not re.fullmatch(r"[0-9a-f]{32}", upload_id or ""):
+        raise StorageError(f"invalid upload id {upload_id!r}: expected 32 hex digits")
+    return f"uploads/{upload_id}/data"
 
 
 def safe_name(name: str) -> str:
@@ -48,6 +57,7 @@ class Storage(Protocol):
     def open_stream(self, key: str) -> Iterator[bytes]: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def presigned_url(self, key: str) -> str | None: ...
     def check(self) -> None: ...
@@ -117,6 +127,9 @@ class LocalStorage:
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(".tmp-")
         )
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.root / safe_name(prefix.rstrip("/")), ignore_errors=True)
@@ -200,6 +213,9 @@ class S3Storage:
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def delete_prefix(self, prefix: str) -> None:
         keys = self.list(prefix)

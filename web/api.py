@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import io
+import tempfile
 import zipfile
+from pathlib import Path
 
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
 from sqlalchemy import select, text
 
-from shared import jobs
+from shared import jobs, uploads
 from shared.errors import JobNotFound, SpecError
-from shared.models import Artifact, Job, JobStatus
+from shared.models import Artifact, Job, JobStatus, Upload
 from shared.specs import KINDS, kinds_schema, validate_priority
 from shared.storage import job_key
 from web import services
@@ -19,6 +21,8 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 MAX_PAGE = 200
 STATUSES = [s.value for s in JobStatus]
+# Room for the multipart boundaries and part headers around an upload's bytes.
+MULTIPART_SLACK = 64 * 1024
 
 
 def artifact_json(a: Artifact) -> dict:
@@ -65,6 +69,13 @@ def job_json(job: Job, with_artifacts: bool = True) -> dict:
     }
     if with_artifacts:
         body["artifacts"] = [artifact_json(a) for a in job.artifacts]
+        # The newest progress preview (x beside the predicted x0). Artifacts come sorted by
+        # name, and previews/step-NNNN.png names sort in step order.
+        previews = [a for a in job.artifacts if a.name.startswith("previews/")]
+        previews = previews or [a for a in job.artifacts if a.name == "preview.png"]
+        body["progress"]["preview"] = (
+            {"name": previews[-1].name, "url": artifact_json(previews[-1])["url"]} if previews else None
+        )
     return body
 
 
@@ -187,6 +198,64 @@ def archive(job_id: str):
         mimetype="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-{stem}.zip"'},
     )
+
+
+def upload_json(u: Upload) -> dict:
+    return {
+        "id": u.id,
+        "ref": uploads.upload_ref(u.id),
+        "filename": u.filename,
+        "kind": u.kind,
+        "content_type": u.content_type,
+        "size": u.size,
+        "sha256": u.sha256,
+        "meta": u.meta,
+        "created_at": _iso(u.created_at),
+        "url": url_for("api.get_upload", upload_id=u.id, _external=True),
+    }
+
+
+@bp.post("/uploads")
+def create_upload():
+    """multipart/form-data with the file in `file`: a dataset zip, an image or a prompts file."""
+    svc = services()
+    limit = svc.settings.upload_max_bytes
+    if (request.content_length or 0) > limit + MULTIPART_SLACK:
+        raise uploads.upload_error(
+            f"upload is {uploads.human_bytes(request.content_length)}, "
+            f"above the {uploads.human_bytes(limit)} upload limit"
+        )
+    request.max_content_length = limit + MULTIPART_SLACK  # a body with no length is cut off here
+    file = request.files.get("file")
+    if file is None or not file.filename:
+        raise SpecError("file is required: send multipart/form-data with the file in a 'file' field",
+                        {"file": "required"})
+    with tempfile.TemporaryDirectory(prefix="diffqueue-upload-") as tmp:
+        path = Path(tmp) / "upload"
+        uploads.copy_capped(file.stream, path, limit)
+        upload = uploads.save_upload(svc.sessions, svc.storage, svc.settings, file.filename, path)
+    resp = jsonify(upload_json(upload))
+    resp.status_code = 201
+    resp.headers["Location"] = url_for("api.get_upload", upload_id=upload.id)
+    return resp
+
+
+@bp.get("/uploads")
+def list_uploads():
+    kind = request.args.get("kind")
+    if kind and kind not in uploads.UPLOAD_KINDS:
+        raise SpecError(f"kind must be one of {', '.join(uploads.UPLOAD_KINDS)}, got {kind!r}", {"kind": "unknown kind"})
+    limit = _int_arg("limit", 50, 1, MAX_PAGE)
+    offset = _int_arg("offset", 0, 0, 10**9)
+    with services().sessions() as session:
+        rows, total = uploads.list_uploads(session, kind, limit, offset)
+        return jsonify({"uploads": [upload_json(u) for u in rows], "total": total, "limit": limit, "offset": offset})
+
+
+@bp.get("/uploads/<upload_id>")
+def get_upload(upload_id: str):
+    with services().sessions() as session:
+        return jsonify(upload_json(uploads.get_upload(session, upload_id)))
 
 
 @bp.get("/kinds")

@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify, render_template, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from shared.errors import InvalidTransition, JobNotFound, SpecError
+from shared.errors import InvalidTransition, JobNotFound, SpecError, UploadNotFound
+from shared.uploads import human_bytes, upload_error
+from web import services
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,23 @@ def init_app(app: Flask) -> None:
         return error_response(400, "invalid_params", str(exc), exc.fields)
 
     @app.errorhandler(JobNotFound)
-    def not_found(exc: JobNotFound):
+    @app.errorhandler(UploadNotFound)
+    def not_found(exc: JobNotFound | UploadNotFound):
         if _wants_json():
             return error_response(404, "not_found", str(exc))
         return render_template("error.html", code=404, message=str(exc)), 404
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc: RequestEntityTooLarge):
+        # A 400 that names the limit, like every other refused input.
+        if request.endpoint == "api.create_upload":
+            return spec_error(upload_error(
+                f"upload is larger than the {human_bytes(services().settings.upload_max_bytes)} upload limit"
+            ))
+        reason = f"request body is larger than the {human_bytes(request.max_content_length or 0)} limit"
+        if _wants_json():
+            return error_response(400, "request_too_large", reason, {"body": reason})
+        return render_template("error.html", code=400, message=reason), 400
 
     @app.errorhandler(InvalidTransition)
     def conflict(exc: InvalidTransition):

@@ -80,6 +80,14 @@ def test_delete_prefix(storage):
     storage.delete_prefix("jobs/missing")  # deleting nothing is fine
 
 
+def test_delete_one_key(storage):
+    storage.put_bytes("jobs/a/1.txt", b"x", "text/plain")
+    storage.put_bytes("jobs/a/2.txt", b"y", "text/plain")
+    storage.delete("jobs/a/1.txt")
+    assert storage.list("jobs/a") == ["jobs/a/2.txt"]
+    storage.delete("jobs/a/1.txt")  # deleting a missing key is fine
+
+
 def test_download(storage, tmp_path):
     storage.put_bytes("jobs/a/model/weights.bin", b"\x00\x01weights", "application/octet-stream")
     dest = tmp_path / "out" / "deep" / "weights.bin"
