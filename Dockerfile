@@ -71,7 +71,7 @@ USER diffqueue
 
 # Celery does a warm shutdown on SIGTERM (the default stop signal); compose
 # gives it stop_grace_period to let a running job checkpoint.
-CMD ["diffqueue", "worker", "--queues", "gpu", "--concurrency", "1"]
+CMD ["diffqueue", "worker", "--queues", "gpu,cpu", "--concurrency", "1"]
 
 # --------------------------------------------------------------------------
 # web: the Flask app under gunicorn (also used for `diffqueue db upgrade`)

@@ -9,13 +9,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import SpecError, UnknownKind
 
-MODEL_REF_PATTERN = r"^(job:[0-9a-f]{32}|[A-Za-z0-9][A-Za-z0-9._-]{0,127})$"
+# `job:<id>`, a local folder name, or a Hugging Face hub id `org/name` (a local folder first).
+MODEL_REF_PATTERN = (
+    r"^(job:[0-9a-f]{32}|[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+    r"|[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95})$"
+)
 
 
 class Spec(BaseModel):
@@ -25,70 +29,209 @@ class Spec(BaseModel):
 
 
 # --------------------------------------------------------------------------- DDPM
-# Presets are complete UNet + scheduler + training configs; explicit params
-# override them. `tiny` learns on a CPU in about a minute.
+# Presets are complete UNet + scheduler + data + training configs (SEEDS.md §2,
+# §4); explicit params override them. Level numbers count from 0 at full size.
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
+        "dataset": "digits",
         "image_size": 16,
         "block_out_channels": [32, 64],
         "layers_per_block": 1,
         "attention_levels": [],
         "class_conditional": True,
-        "num_train_timesteps": 1000,
+        "random_flip": False,
         "beta_schedule": "linear",
         "beta_start": 0.0001,
         "beta_end": 0.02,
         "max_steps": 300,
         "batch_size": 32,
         "learning_rate": 1e-3,
-        "sample_steps": 100,
-        "num_samples": 16,
+        "lr_warmup_steps": 0,
+        "use_ema": False,
+        "sample_scheduler": "ddim",
+        "sample_steps": 50,
+        "num_samples": 20,
+        "checkpoint_every": 0,
+        "sample_every": 0,
     },
     "digits": {
-        "image_size": 32,
-        "block_out_channels": [32, 64, 128],
-        "layers_per_block": 1,
-        "attention_levels": [2],
+        "dataset": "digits",
+        "image_size": 16,
+        "block_out_channels": [64, 128],
+        "layers_per_block": 2,
+        "attention_levels": [1],
         "class_conditional": True,
-        "num_train_timesteps": 1000,
+        "random_flip": False,
         "beta_schedule": "squaredcos_cap_v2",
         "beta_start": 0.0001,
         "beta_end": 0.02,
-        "max_steps": 3000,
+        "max_steps": 1500,
         "batch_size": 64,
-        "learning_rate": 3e-4,
-        "sample_steps": 1000,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 100,
+        "use_ema": True,
+        "ema_max_decay": 0.999,
+        "sample_scheduler": "ddim",
+        "sample_steps": 50,
         "num_samples": 20,
+        "checkpoint_every": 500,
+        "sample_every": 500,
+    },
+    "fashion-32": {
+        "dataset": "hf:fashion_mnist",
+        "image_column": "image",
+        "label_column": "label",
+        "resize_mode": "pad",
+        "channels": 1,
+        "image_size": 32,
+        "block_out_channels": [32, 64, 128, 256],
+        "layers_per_block": 2,
+        "attention_levels": [1, 2, 3],  # UNet2DModel's default block types
+        "class_conditional": True,
+        "random_flip": True,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "epochs": 25,
+        "batch_size": 256,
+        "learning_rate": 3e-4,
+        "adam_epsilon": 1e-5,
+        "lr_warmup_steps": 0,
+        "use_ema": False,
+        "sample_scheduler": "ddpm",
+        "sample_steps": 1000,
+        "num_samples": 30,
+    },
+    "book-64": {
+        "dataset": "hf:huggan/smithsonian_butterflies_subset:train",
+        "image_column": "image",
+        "channels": 3,
+        "image_size": 64,
+        "block_out_channels": [64, 128, 256, 512],
+        "layers_per_block": 2,
+        "attention_levels": [2, 3],
+        "class_conditional": False,
+        "random_flip": True,
+        "beta_schedule": "linear",
+        "beta_start": 0.001,
+        "beta_end": 0.02,
+        "epochs": 50,
+        "batch_size": 16,
+        "learning_rate": 1e-4,
+        "lr_warmup_steps": 0,
+        "use_ema": False,
+        "sample_scheduler": "ddpm",
+        "sample_steps": 1000,
+        "num_samples": 16,
+    },
+    "guide-128": {
+        "dataset": "hf:huggan/smithsonian_butterflies_subset:train",
+        "image_column": "image",
+        "channels": 3,
+        "image_size": 128,
+        "block_out_channels": [128, 128, 256, 256, 512, 512],
+        "layers_per_block": 2,
+        "attention_levels": [4],
+        "class_conditional": False,
+        "random_flip": True,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "epochs": 50,
+        "batch_size": 16,
+        "learning_rate": 1e-4,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 500,
+        "mixed_precision": "fp16",
+        "use_ema": False,
+        "sample_scheduler": "ddpm",
+        "sample_steps": 1000,
+        "num_samples": 16,
     },
 }
 DDPM_PRESET_HELP = {
-    "tiny": "16 px, two levels, learns the digits' shapes on a CPU in about a minute (tests).",
-    "digits": "32 px class-conditioned UNet on the bundled digits; minutes on a CPU.",
+    "tiny": "16 px, two levels, for tests: learns the digits' shapes on a CPU in under a minute.",
+    "digits": "16 px class-conditioned UNet with EMA on scikit-learn's bundled digits: a few CPU minutes.",
+    "fashion-32": "SEEDS §4: class-conditioned 1-channel 32 px UNet on Fashion-MNIST (padded 28 to 32), "
+    "batch 256, AdamW lr 3e-4 eps 1e-5, 25 epochs.",
+    "book-64": "SEEDS §2, the book: 64 px butterflies, 63 M-param UNet with attention at the two lowest levels, "
+    "betas 0.001-0.02, batch 16, AdamW lr 1e-4, 50 epochs.",
+    "guide-128": "SEEDS §2, the guide: 128 px butterflies, six-level UNet, cosine lr with 500 warmup steps, "
+    "fp16 on a GPU, 50 epochs.",
 }
+DATASET_PATTERN = r"^(digits|upload:[0-9a-f]{32}|hf:[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(:[A-Za-z0-9._\[\]%:+-]+)?)$"
 
 
 class DDPMTrainSpec(Spec):
-    """Train a diffusers UNet2DModel with a DDPMScheduler (the loop of SEEDS.md §2 and §4)."""
+    """Train a diffusers UNet2DModel with a DDPMScheduler (SEEDS.md §2 and §4), with
+    EMA, lr warmup, gradient accumulation and clipping, mixed precision, and
+    checkpoints that a re-run resumes from."""
 
-    preset: Literal["tiny", "digits"] = Field("tiny", description="Base config; other params override it.")
-    dataset: Literal["digits"] = Field(
-        "digits", description="`digits`: scikit-learn's bundled 8x8 handwritten digits, upscaled, with labels."
+    preset: Literal["tiny", "digits", "fashion-32", "book-64", "guide-128"] = Field(
+        "tiny", description="Base config; other params override it."
     )
+    # Data
+    dataset: str = Field(
+        None,
+        pattern=DATASET_PATTERN,
+        description="`digits` (bundled with scikit-learn), `upload:<id>` (a zip of images; class sub-folders "
+        "become labels) or `hf:<name>[:split]` (a Hugging Face dataset, split `train` by default).",
+        json_schema_extra={"upload_kind": "dataset"},
+    )
+    image_column: str | None = Field(None, max_length=64, description="hf: datasets: the image column (default: the first image feature).")
+    label_column: str | None = Field(None, max_length=64, description="hf: datasets: the label column (default: the first class-label feature).")
+    max_train_samples: int | None = Field(None, ge=1, le=10_000_000, description="Use at most this many images.")
+    channels: Literal[1, 3] | None = Field(None, description="1 (grayscale) or 3 (RGB); empty: from the data.")
+    resize_mode: Literal["resize", "pad"] = Field(
+        "resize", description="`resize` to image_size x image_size, or `pad` (centred, after shrinking to fit)."
+    )
+    random_flip: bool = Field(None, description="Random horizontal flips while training.")
+    # Model and noise schedule
     image_size: int = Field(None, ge=8, le=512, multiple_of=8, description="Training resolution in pixels (multiple of 8).")
     block_out_channels: list[int] = Field(None, min_length=1, max_length=6, description="UNet channels per level.")
     layers_per_block: int = Field(None, ge=1, le=4)
-    attention_levels: list[int] = Field(None, max_length=6, description="Levels (0-based) that use attention blocks.")
-    class_conditional: bool = Field(None, description="Learn class embeddings from the dataset's labels.")
-    num_train_timesteps: int = Field(None, ge=10, le=4000)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(None)
+    attention_levels: list[int] = Field(None, max_length=6, description="Levels (0 = full size) that use attention blocks.")
+    class_conditional: bool | None = Field(None, description="Learn class embeddings; empty: when the dataset has labels.")
+    num_train_timesteps: int = Field(1000, ge=10, le=4000)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = Field(None)
     beta_start: float = Field(None, gt=0, le=0.1)
     beta_end: float = Field(None, gt=0, le=0.5)
-    max_steps: int = Field(None, ge=1, le=1_000_000, description="Optimizer steps to train for.")
-    batch_size: int = Field(None, ge=1, le=1024)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "epsilon", description="What the UNet learns to predict: the noise, the velocity, or the clean image."
+    )
+    # Optimisation
+    epochs: int | None = Field(None, ge=1, le=10_000, description="Passes over the data (max_steps wins if both are set).")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Optimizer steps to train for.")
+    batch_size: int = Field(None, ge=1, le=4096, description="Images per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=256, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(None, gt=0, le=1.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant_with_warmup", description="Learning-rate schedule after the warmup."
+    )
+    lr_warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(0.01, ge=0, le=1)
+    adam_epsilon: float = Field(1e-8, gt=0, le=1e-2)
+    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Gradient clipping norm; 0 turns clipping off.")
+    use_ema: bool = Field(None, description="Keep an EMA of the weights; samples and the exported model use it.")
+    ema_max_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_inv_gamma: float = Field(1.0, gt=0, le=100)
+    ema_power: float = Field(0.75, gt=0, le=10, description="EMA warmup: decay = 1 - (1 + step / inv_gamma) ** -power.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Through accelerate. fp16 needs a GPU; on a CPU worker it falls back to `no`."
+    )
+    channels_last: bool | None = Field(None, description="channels_last memory format; empty: on CUDA.")
+    compile: bool = Field(False, description="torch.compile the UNet (CUDA only).")
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    sample_steps: int = Field(None, ge=1, le=4000, description="Denoising steps for the final samples.png grid.")
-    num_samples: int = Field(None, ge=1, le=64, description="Images in the final samples.png grid.")
+    # Checkpoints and samples along the way
+    checkpoint_every: int = Field(500, ge=0, le=10_000_000, description="Optimizer steps between checkpoints; 0: none.")
+    checkpoints_keep: int = Field(2, ge=1, le=100, description="Complete checkpoints kept; older ones are deleted.")
+    sample_every: int = Field(500, ge=0, le=10_000_000, description="Steps between samples/step-NNNNNN.png grids; 0: none.")
+    sample_scheduler: Literal["ddpm", "ddim"] = Field(None, description="Scheduler for the sample grids.")
+    sample_steps: int = Field(None, ge=1, le=4000, description="Denoising steps for the sample grids.")
+    num_samples: int = Field(None, ge=1, le=100, description="Images in each sample grid.")
 
     @model_validator(mode="before")
     @classmethod
@@ -97,7 +240,12 @@ class DDPMTrainSpec(Spec):
             return data
         preset = data.get("preset", "tiny")
         base = DDPM_PRESETS.get(preset, {}) if isinstance(preset, str) else {}
-        return {**base, **{k: v for k, v in data.items() if v is not None}}
+        merged = {**base, **{k: v for k, v in data.items() if v is not None}}
+        if data.get("max_steps") is not None and data.get("epochs") is None:
+            merged.pop("epochs", None)  # an explicit max_steps replaces a preset's epochs
+        if data.get("epochs") is not None and data.get("max_steps") is None:
+            merged.pop("max_steps", None)
+        return merged
 
     @field_validator("block_out_channels")
     @classmethod
@@ -118,40 +266,167 @@ class DDPMTrainSpec(Spec):
             raise ValueError(f"image_size: {self.image_size} must be divisible by {factor} for {levels} levels")
         if self.beta_end <= self.beta_start:
             raise ValueError(f"beta_end: {self.beta_end} must be greater than beta_start {self.beta_start}")
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("max_steps: give max_steps or epochs")
+        if self.dataset == "digits" and self.channels == 3:
+            raise ValueError("channels: the digits dataset is grayscale; use 1 or leave it empty")
         return self
+
+    @property
+    def hf_dataset(self) -> tuple[str, str] | None:
+        """(name, split) of an `hf:` dataset."""
+        if not self.dataset.startswith("hf:"):
+            return None
+        name, _, split = self.dataset[3:].partition(":")
+        return name, split or "train"
+
+
+class ColorGuidance(Spec):
+    """SEEDS.md §9: steer sampling toward a colour with no retraining. Before each
+    scheduler step, x moves against the gradient (w.r.t. x) of `scale` times the mean
+    absolute distance of the predicted x0 to `color`."""
+
+    color: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        ...,
+        description="Target colour, each value in [0, 1]: [r, g, b] for an RGB model, [grey] for a 1-channel one.",
+    )
+    scale: float = Field(
+        40.0, gt=0, le=10_000, description="Guidance weight (the book uses 40); the loss is a mean per image."
+    )
+
+    @field_validator("color")
+    @classmethod
+    def _color_length(cls, v: list[float]) -> list[float]:
+        if len(v) not in (1, 3):
+            raise ValueError(f"must have 3 values [r, g, b] (or 1 for a 1-channel model), got {len(v)}: {v}")
+        return v
+
+
+# A class label is a number, or a class name from the model's class_names.json.
+ClassLabel = int | Annotated[str, Field(min_length=1, max_length=64)]
+MAX_PREVIEWS = 200  # previews/step-NNNN.png files per job
 
 
 class DDPMSampleSpec(Spec):
-    """Sample images from a trained DDPM (SEEDS.md §1, §4)."""
+    """Sample images from a DDPM: a trained job's model, a local folder or a Hugging Face
+    hub pipeline (SEEDS.md §1, §4), with previews of x and the predicted x0 as it runs
+    and optional colour guidance (§9)."""
 
     model: str = Field(
         ...,
         pattern=MODEL_REF_PATTERN,
-        description="`job:<id>` of a finished ddpm.train job, or a folder name under DIFFQUEUE_MODELS_DIR.",
+        description="`job:<id>` of a finished ddpm.train job, a folder under DIFFQUEUE_MODELS_DIR, "
+        "or a Hugging Face hub id such as `google/ddpm-celebahq-256` (a DDPMPipeline repo).",
     )
     num_images: int = Field(8, ge=1, le=256)
     steps: int = Field(50, ge=1, le=4000, description="Denoising steps.")
     scheduler: Literal["ddpm", "ddim"] = "ddim"
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    class_label: int | list[int] | None = Field(
-        None, description="For class-conditioned models: one label for all images, or one per image."
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Image i is drawn with its own generator seeded seed + i, whatever batch_size."
+    )
+    class_label: ClassLabel | list[ClassLabel] | None = Field(
+        None,
+        description="For class-conditioned models: one label for all images, or one per image. A label is a class "
+        "number, or a name from the model's class_names.json. Empty: labels cycle 0, 1, 2, ...",
     )
     batch_size: int = Field(32, ge=1, le=256, description="Images per UNet batch.")
+    preview_every: int | None = Field(
+        None,
+        ge=1,
+        le=4000,
+        description="Write previews/step-NNNN.png (x beside the predicted x0, first batch) every this many steps "
+        "and at the last. Empty: steps // 8.",
+    )
+    guidance: ColorGuidance | None = Field(None, description="Colour guidance (SEEDS.md §9); empty: none.")
 
     @field_validator("class_label")
     @classmethod
     def _labels(cls, v):
         labels = v if isinstance(v, list) else [v] if v is not None else []
         for label in labels:
-            if not 0 <= label < 1000:
+            if isinstance(label, int) and not 0 <= label < 1000:
                 raise ValueError(f"class_label {label} must be in [0, 999]")
         return v
 
     @model_validator(mode="after")
     def _label_count(self) -> "DDPMSampleSpec":
-        if isinstance(self.class_label, list) and len(self.class_label) != self.num_images:
+        if isinstance(self.class_label, list) and len(self.class_label) not in (1, self.num_images):
             raise ValueError(
-                f"class_label: has {len(self.class_label)} entries, num_images is {self.num_images}: give one per image"
+                f"class_label: has {len(self.class_label)} entries, num_images is {self.num_images}: "
+                "give one label, or one per image"
+            )
+        if self.steps / self.preview_interval > MAX_PREVIEWS:
+            least = math.ceil(self.steps / MAX_PREVIEWS)
+            raise ValueError(
+                f"preview_every: {self.preview_interval} gives more than {MAX_PREVIEWS} previews for {self.steps} "
+                f"steps; use at least {least}"
+            )
+        return self
+
+    @property
+    def preview_interval(self) -> int:
+        return self.preview_every or max(1, self.steps // 8)
+
+
+# SEEDS.md §3: the default, the cosine one, and linear with a low and a high beta_end.
+DEFAULT_NOISE_SCHEDULES: list[dict[str, Any]] = [
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "label": "linear"},
+    {"beta_schedule": "squaredcos_cap_v2", "label": "cosine"},
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.003, "label": "low beta_end=0.003"},
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.1, "label": "high beta_end=0.1"},
+]
+UPLOAD_REF = r"upload:[0-9a-f]{32}"
+
+
+class NoiseSchedule(Spec):
+    """One DDPMScheduler beta schedule."""
+
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
+        "linear", description="`squaredcos_cap_v2` is the cosine schedule; it ignores beta_start and beta_end."
+    )
+    beta_start: float = Field(0.0001, gt=0, le=0.1)
+    beta_end: float = Field(0.02, gt=0, le=0.5)
+    label: str | None = Field(None, min_length=1, max_length=64, description="Legend label; empty: from the settings.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "NoiseSchedule":
+        if self.beta_schedule != "squaredcos_cap_v2" and self.beta_end <= self.beta_start:
+            raise ValueError(f"beta_end {self.beta_end} must be greater than beta_start {self.beta_start}")
+        return self
+
+    @property
+    def display_label(self) -> str:
+        if self.label:
+            return self.label
+        if self.beta_schedule == "squaredcos_cap_v2":
+            return "cosine"
+        return f"{self.beta_schedule} {self.beta_start:g}-{self.beta_end:g}"
+
+
+class DDPMSchedulePlotSpec(Spec):
+    """Plot how much signal and noise each timestep keeps under several noise
+    schedules, and one image noised at a few timesteps under each (SEEDS.md §3)."""
+
+    num_train_timesteps: int = Field(1000, ge=10, le=4000)
+    schedules: list[NoiseSchedule] = Field(
+        DEFAULT_NOISE_SCHEDULES, min_length=1, max_length=8, description="Schedules to compare, 1 to 8."
+    )
+    image: str = Field(
+        "digits",
+        pattern=rf"^(digits|{UPLOAD_REF})$",
+        description="`digits` (a sample of scikit-learn's bundled digits, upscaled) or `upload:<id>` of an image.",
+        json_schema_extra={"upload_kind": "image"},
+    )
+    image_size: int = Field(64, ge=8, le=512, description="Side of the noised images, in pixels.")
+    num_timesteps_shown: int = Field(8, ge=2, le=16, description="Columns of noised.png: linspace(0, T-1, n).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the noise added (the same noise for every row).")
+
+    @model_validator(mode="after")
+    def _shown(self) -> "DDPMSchedulePlotSpec":
+        if self.num_timesteps_shown > self.num_train_timesteps:
+            raise ValueError(
+                f"num_timesteps_shown: {self.num_timesteps_shown} is more than num_train_timesteps "
+                f"{self.num_train_timesteps}"
             )
         return self
 
@@ -171,6 +446,7 @@ KINDS: dict[str, Kind] = {
     for k in [
         Kind("ddpm.train", DDPMTrainSpec, "gpu", "Train a DDPM", DDPM_PRESETS, DDPM_PRESET_HELP),
         Kind("ddpm.sample", DDPMSampleSpec, "gpu", "Sample from a DDPM"),
+        Kind("ddpm.schedule_plot", DDPMSchedulePlotSpec, "cpu", "Plot noise schedules"),
     ]
 }
 
@@ -182,8 +458,12 @@ def validate_priority(value: Any) -> int:
     return value
 
 
+# pydantic tags union members in error locations ("int", "constrained-str", "list[...]").
+_UNION_TAG = re.compile(r"^(int|str|float|bool|constrained-str|(list|union|dict)\[.*\])$")
+
+
 def _field_path(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if p not in ("int", "list[int]")) or "params"
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p))) or "params"
 
 
 def _contains_non_finite(value: Any) -> str | None:

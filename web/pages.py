@@ -27,8 +27,10 @@ def form_fields(schema: dict) -> list[dict]:
         enum = next((o["enum"] for o in options if "enum" in o), None)
         if "const" in prop:
             enum = [prop["const"]]
-        widget = "select" if enum else "checkbox" if "boolean" in types else "list" if "array" in types else (
-            "number" if types & {"integer", "number"} and "array" not in types else "text")
+        # Objects and lists of objects (ddpm.sample's guidance, ddpm.schedule_plot's schedules) are typed as JSON.
+        nested = any("$ref" in o or "$ref" in o.get("items", {}) for o in options)
+        widget = "json" if nested else "select" if enum else "checkbox" if "boolean" in types else (
+            "list" if "array" in types else "number" if types & {"integer", "number"} else "text")
         fields.append({
             "name": name,
             "label": prop.get("title", name),
@@ -53,7 +55,12 @@ def parse_form(kind: str, form) -> dict:
             continue
         if raw == "":
             continue
-        if f["widget"] == "list" or (f["widget"] == "number" and "," in raw):
+        if f["widget"] == "json":
+            try:
+                params[f["name"]] = json.loads(raw)
+            except ValueError:
+                params[f["name"]] = raw  # the spec names the field and the expected type
+        elif f["widget"] == "list" or (f["widget"] == "number" and "," in raw):
             try:
                 params[f["name"]] = [int(x) for x in raw.replace(",", " ").split()]
             except ValueError:
@@ -71,6 +78,11 @@ def parse_form(kind: str, form) -> dict:
 def render_submit(kind: str, values: dict | None = None, errors: dict | None = None, status: int = 200):
     entry = next(k for k in kinds_schema() if k["kind"] == kind)
     values = values or {}
+    # A nested field's error ("guidance.color") shows by its form field ("guidance").
+    by_field: dict[str, str] = {}
+    for path, message in (errors or {}).items():
+        field, _, rest = path.partition(".")
+        by_field.setdefault(field, f"{rest}: {message}" if rest else message)
     if "preset" in values and entry.get("presets"):
         values = {**entry["presets"].get(values["preset"], {}).get("params", {}), **values}
     return render_template(
@@ -79,7 +91,7 @@ def render_submit(kind: str, values: dict | None = None, errors: dict | None = N
         kind=entry,
         fields=form_fields(entry["schema"]),
         values=values,
-        errors=errors or {},
+        errors=by_field,
         presets_json=json.dumps(entry.get("presets", {})),
     ), status
 

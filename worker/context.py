@@ -14,16 +14,23 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import select
+
 from shared import jobs
 from shared.config import Settings
 from shared.errors import JobCancelled, LeaseLost, ModelNotFound, WorkerShuttingDown
-from shared.models import Job, JobStatus
+from shared.models import Artifact, Job, JobStatus
 from shared.storage import Storage, file_digest, job_key
+from shared.uploads import UploadInfo, download_upload, find_upload
+from worker import failpoints, hub
+
 
 
 def artifact_kind(name: str, content_type: str) -> str:
     if name.startswith("model/"):
         return "model"
+    if name.startswith("checkpoints/"):
+        return "checkpoint"
     if content_type.startswith("image/"):
         return "image"
     return "file"
@@ -51,6 +58,9 @@ class JobContext:
         self._last_progress_write = 0.0
         self._last_cancel_check = 0.0
         self._phase: str | None = None
+        self._failpoints = failpoints.parse(settings.failpoints)
+        # Set by the heartbeat when the lease could not be renewed: another attempt owns the job.
+        self.lease_lost = threading.Event()
 
     # ------------------------------------------------------------- progress
     def progress(self, step: int, total: int | None, message: str | None = None, phase: str | None = None) -> None:
@@ -71,6 +81,8 @@ class JobContext:
         """Call at every step boundary. Raises WorkerShuttingDown when the worker is
         stopping, and JobCancelled once a cancel was requested (the DB is read at
         most every `cancel_check_interval_s`)."""
+        if self.lease_lost.is_set():
+            raise LeaseLost(f"job {self.job_id}: attempt {self.token} lost its lease")
         if self.stopping.is_set():
             raise WorkerShuttingDown(f"job {self.job_id}: worker is shutting down")
         now = time.monotonic()
@@ -80,6 +92,11 @@ class JobContext:
         with self.sessions() as session:
             if jobs.cancel_requested(session, self.job_id):
                 raise JobCancelled(f"job {self.job_id} cancelled")
+
+    def failpoint(self, name: str, step: int | None = None) -> None:
+        """A place where a test may inject a fault (see worker/failpoints.py)."""
+        if self._failpoints:
+            failpoints.hit(self._failpoints, name, step, self.log)
 
     # ------------------------------------------------------------ artifacts
     def write_file(self, name: str, path: Path, content_type: str | None = None, meta: dict | None = None) -> None:
@@ -113,16 +130,50 @@ class JobContext:
         image.save(buf, format="PNG", pnginfo=info)
         self.write_bytes(name, buf.getvalue(), "image/png", meta)
 
+    def artifact_names(self, prefix: str) -> list[str]:
+        """This job's recorded artifacts under `prefix` (recorded = completely written)."""
+        with self.sessions() as session:
+            return list(session.scalars(
+                select(Artifact.name).where(Artifact.job_id == self.job_id, Artifact.name.startswith(prefix))
+                .order_by(Artifact.name)
+            ))
+
+    def download_artifact(self, name: str) -> Path:
+        path = self.workdir / "in" / name
+        self.storage.download(job_key(self.job_id, name), path)
+        return path
+
+    def delete_artifact(self, name: str) -> None:
+        """Row first, then the object: a listed artifact always exists in storage."""
+        with self.sessions() as session:
+            if not jobs.delete_artifact(session, self.job_id, self.token, name):
+                raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
+        self.storage.delete(job_key(self.job_id, name))
+
     def write_dir(self, prefix: str, folder: Path) -> None:
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
             self.write_file(f"{prefix}/{path.relative_to(folder).as_posix()}", path)
 
     # --------------------------------------------------------------- models
-    def resolve_model(self, ref: str) -> Path:
-        """A local folder for `job:<id>` (a finished training job's model/) or a name
-        under DIFFQUEUE_MODELS_DIR."""
+    def model_source(self, ref: str) -> str:
+        """Where `ref` resolves from, in this order: "job" (`job:<id>`), "local" (a folder
+        under DIFFQUEUE_MODELS_DIR; a plain name is always local), "hub" (an `org/name`
+        that is not a local folder: a Hugging Face hub id)."""
         if ref.startswith("job:"):
+            return "job"
+        root = self.settings.models_dir
+        if "/" not in ref or (root is not None and (Path(root) / ref).is_dir()):
+            return "local"
+        return "hub"
+
+    def resolve_model(self, ref: str) -> Path:
+        """A local diffusers folder for `ref`: a finished training job's model/, a folder
+        under DIFFQUEUE_MODELS_DIR, or a hub repo in the Hugging Face cache (see model_source)."""
+        source = self.model_source(ref)
+        if source == "job":
             return self._job_model(ref[4:])
+        if source == "hub":
+            return self._hub_model(ref)
         root = self.settings.models_dir
         if root is None:
             raise ModelNotFound(f"model {ref!r}: DIFFQUEUE_MODELS_DIR is not set, so only job:<id> models are available")
@@ -130,6 +181,26 @@ class JobContext:
         if Path(root).resolve() not in path.parents or not path.is_dir():
             raise ModelNotFound(f"model {ref!r} is not a folder under {root}")
         return path
+
+    def _hub_model(self, repo_id: str) -> Path:
+        """A DDPMPipeline repo from the Hugging Face hub, through the normal HF cache.
+        It fails within seconds, never hangs, when the hub is unreachable or the id
+        unknown: HF_HUB_OFFLINE is honoured, and a look-up with a short timeout comes
+        before any download (a cached copy is used when the hub cannot be reached).
+        Only the pipeline's own files are fetched: no custom pipeline, no remote code."""
+        from diffusers import DDPMPipeline
+
+        def failed(exc: Exception) -> ModelNotFound:
+            return ModelNotFound(hub.load_error(f"model {repo_id}", "offline or unknown id", exc))
+
+        try:
+            offline = hub.lookup("model", repo_id, self.log)
+        except Exception as exc:
+            raise failed(exc) from exc
+        try:
+            return Path(DDPMPipeline.download(repo_id, local_files_only=offline, trust_remote_code=False))
+        except Exception as exc:
+            raise failed(exc) from exc
 
     def _job_model(self, source_id: str) -> Path:
         with self.sessions() as session:
@@ -153,6 +224,15 @@ class JobContext:
             shutil.rmtree(dest, ignore_errors=True)
             shutil.move(str(tmp), dest)
         return dest
+
+    # -------------------------------------------------------------- uploads
+    def fetch_upload(self, ref: str, expected_kind: str) -> tuple[Path, UploadInfo]:
+        """Download `upload:<id>`, which must be an upload of `expected_kind`
+        ("dataset", "image" or "prompts"), into this job's workdir; the bytes are
+        checked against the row's sha256. UploadNotFound names the ref otherwise."""
+        with self.sessions() as session:
+            info = find_upload(session, ref, expected_kind)
+        return download_upload(self.storage, info, self.workdir / "uploads"), info
 
     @property
     def device(self) -> str:

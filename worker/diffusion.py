@@ -6,6 +6,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 
@@ -15,28 +16,77 @@ def ddpm_denoise(
     scheduler,
     num_images: int,
     steps: int,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     device: str,
     class_labels: torch.Tensor | None = None,
     on_step: Callable[..., None] | None = None,
+    *,
+    guidance_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    guidance_scale: float = 0.0,
 ) -> torch.Tensor:
     """The loop of SEEDS.md §1/§4: start from noise, predict, `scheduler.step`.
     Returns images in [-1, 1] on the CPU. Noise is drawn on the CPU from `generator`
     so a seed gives the same images on any device. `on_step(i, n, x, pred_x0)` sees
-    the current sample and the model's guess of the final image after each step."""
+    the current sample and the model's guess of the final image after each step.
+
+    `generator` is one generator for the whole batch, or one per image: then image i
+    draws its starting noise and every step's noise from `generator[i]` alone, so it
+    comes out the same whatever batch it is in.
+
+    `guidance_loss(x0) -> (N,)` turns on SEEDS.md §9's loss guidance: before each
+    scheduler step, x moves against the gradient w.r.t. x of `guidance_scale` times
+    the loss of the (unclipped) predicted x0. Per-image losses are summed, so one
+    image's nudge does not depend on the others in its batch."""
+    if isinstance(generator, list) and len(generator) != num_images:
+        raise ValueError(f"got {len(generator)} generators for {num_images} images: give one, or one per image")
     cfg = unet.config
-    shape = (num_images, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    x = torch.randn(shape, generator=generator).to(device)
+    height, width = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else cfg.sample_size
+    shape = (num_images, cfg.in_channels, height, width)
+    x = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
     labels = class_labels.to(device) if class_labels is not None else None
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
-        noise_pred = unet(x, t, class_labels=labels).sample
+        # 1. Predict the noise.
+        noise_pred = unet(scheduler.scale_model_input(x, t), t, class_labels=labels).sample
+        # 2. Guidance: nudge x so that its predicted x0 lowers the loss (the UNet's output stays fixed).
+        if guidance_loss is not None:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_()
+                loss = guidance_loss(predicted_x0(scheduler, noise_pred, t, x)).sum() * guidance_scale
+                x = (x - torch.autograd.grad(loss, x)[0]).detach()
+        # 3. Step to the previous timestep.
         out = scheduler.step(noise_pred, t, x, generator=generator)
         x = out.prev_sample
         if on_step is not None:
             on_step(i + 1, len(timesteps), x, out.pred_original_sample)
     return x.clamp(-1, 1).cpu()
+
+
+def predicted_x0(scheduler, model_output: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
+    """The model's guess of the clean image at timestep t, differentiable in x and not
+    clipped (a clipped x0 has no gradient where it is out of range)."""
+    alpha_bar = scheduler.alphas_cumprod[int(t)].to(device=x.device, dtype=x.dtype)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+    if kind == "v_prediction":
+        return alpha_bar.sqrt() * x - (1 - alpha_bar).sqrt() * model_output
+    if kind == "sample":
+        return model_output
+    raise ValueError(f"prediction_type {kind!r} is not one of epsilon, v_prediction, sample")
+
+
+def color_loss(x0: torch.Tensor, color: list[float]) -> torch.Tensor:
+    """SEEDS.md §9: per image, the mean absolute distance of x0 (in [-1, 1]) to `color`
+    (values in [0, 1], one per channel) mapped to [-1, 1]."""
+    target = torch.tensor(color, device=x0.device, dtype=x0.dtype).view(1, -1, 1, 1) * 2 - 1
+    return (x0 - target).abs().mean(dim=(1, 2, 3))
+
+
+def image_generators(seed: int, first: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image, image i seeded `seed + i`: image i is the same in any batch."""
+    return [seeded_generator(seed + i) for i in range(first, first + count)]
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -56,13 +106,17 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) 
     return grid
 
 
+PREVIEW_GAP_PX = 8  # white space between the two grids of a preview
+
+
 def preview_figure(x: torch.Tensor, pred_x0: torch.Tensor) -> Image.Image:
     """SEEDS.md §1's figure: the current x (left) beside the predicted x0 (right)."""
     left = make_grid(to_pil(x.clamp(-1, 1).cpu()))
     right = make_grid(to_pil(pred_x0.clamp(-1, 1).cpu()))
-    figure = Image.new(left.mode, (left.width * 2 + 8, left.height), 255 if left.mode == "L" else (255, 255, 255))
+    size = (left.width * 2 + PREVIEW_GAP_PX, left.height)
+    figure = Image.new(left.mode, size, 255 if left.mode == "L" else (255, 255, 255))
     figure.paste(left, (0, 0))
-    figure.paste(right, (left.width + 8, 0))
+    figure.paste(right, (left.width + PREVIEW_GAP_PX, 0))
     return figure
 
 
