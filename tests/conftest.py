@@ -238,33 +238,49 @@ def start_services(tmp_path):
 
 
 # ------------------------------------------------------- in-process runs
-@pytest.fixture
-def run_inline(sqlite_settings):
-    """Run a job in this process through the real Executor (claim, runner, outcome),
-    with no broker: for tests of a runner's outputs. Returns the finished Job with
-    its artifacts loaded; `read(job, name)` gives an artifact's bytes."""
-    from shared.db import make_engine, make_sessionmaker, session_scope
-    from shared.models import Job
-    from shared.specs import KINDS, validate_params
-    from shared.storage import job_key, make_storage
-    from worker.executor import Executor
+class InlineRunner:
+    """Run jobs in this process through the real Executor (claim, runner, outcome),
+    with no broker: for tests of a runner's outputs. Calls return the finished Job
+    with its artifacts loaded; `job.read(name)` gives an artifact's bytes."""
 
-    def run(kind: str, params: dict, settings: Settings | None = None) -> Job:
-        settings = settings or sqlite_settings
-        sessions = make_sessionmaker(make_engine(settings.database_url))
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def __call__(self, kind: str, params: dict, settings: Settings | None = None):
+        from shared.db import session_scope
+        from shared.models import Job
+        from shared.specs import KINDS, validate_params
+
         spec = validate_params(kind, params)
-        with session_scope(sessions) as session:
+        with session_scope(self._sessions(settings)) as session:
             job = Job(kind=kind, params=spec.model_dump(mode="json"), queue=KINDS[kind].queue)
             session.add(job)
-        Executor(settings, app=None).perform(job.id, "inline")
-        with sessions() as session:
-            job = session.get(Job, job.id)
+        return self.again(job.id, settings)
+
+    def again(self, job_id: str, settings: Settings | None = None):
+        """Run an existing queued (or lease-expired) job: a retry or a redelivery."""
+        from shared.models import Job
+        from shared.storage import job_key, make_storage
+        from worker.executor import Executor
+
+        settings = settings or self.settings
+        Executor(settings, app=None).perform(job_id, "inline")
+        with self._sessions(settings)() as session:
+            job = session.get(Job, job_id)
             job.artifacts  # load before the session closes
             session.expunge(job)
         job.read = lambda name: make_storage(settings).get_bytes(job_key(job.id, name))
         return job
 
-    return run
+    def _sessions(self, settings: Settings | None):
+        from shared.db import make_engine, make_sessionmaker
+
+        return make_sessionmaker(make_engine((settings or self.settings).database_url))
+
+
+@pytest.fixture
+def run_inline(sqlite_settings) -> InlineRunner:
+    return InlineRunner(sqlite_settings)
 
 
 @pytest.fixture

@@ -167,3 +167,59 @@ def test_sigterm_requeues_running_job(sqlite_settings, start_services):
     job = svc.wait_finished(job_id)
     assert job["status"] == "succeeded", job["error"]
     assert job["attempt"] == 2
+
+
+@pytest.mark.services
+def test_sigkilled_worker_resumes_training_from_its_checkpoint(prod_settings, start_services):
+    """Inject: SIGKILL the worker (no shutdown code runs) while it sits right after
+    publishing checkpoint 4 of 6. Check: the broker delivers the job again (Redis
+    visibility timeout), the new worker claims it once the dead one's lease expires,
+    resumes from step 4 (not 0), and the job ends succeeded on attempt 2 with one set
+    of final artifacts and the loss trajectory of an uninterrupted run."""
+    from dataclasses import replace
+
+    settings = replace(prod_settings, lease_s=2.0, heartbeat_s=0.5, visibility_timeout_s=3,
+                       failpoints="checkpoint.published@4=pause")
+    svc = start_services(settings)
+    params = {"preset": "tiny", "max_steps": 6, "checkpoint_every": 2, "sample_steps": 2, "num_samples": 2}
+    job_id = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": params}).json()["id"]
+    svc.wait_for(job_id, lambda j: any(a["name"] == "checkpoints/step-000004.pt" for a in j["artifacts"]),
+                 what="checkpoint 4")
+    deadline = time.monotonic() + 30
+    while "failpoint checkpoint.published@4: pause" not in svc.log("worker") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker = svc.procs.pop("worker")
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert svc.api("GET", f"/jobs/{job_id}").json()["status"] == "running"  # its lease runs out on its own
+
+    svc.env["DIFFQUEUE_FAILPOINTS"] = ""
+    svc.start_worker("worker2")
+    job = svc.wait_finished(job_id, timeout_s=120)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempt"] == 2
+    assert job["result"]["resumed_from_step"] == 4
+    assert "resumed from step 4" in svc.log("worker2")
+    names = [a["name"] for a in job["artifacts"]]
+    assert len(names) == len(set(names))
+    assert [n for n in names if n.startswith("checkpoints/")] == ["checkpoints/step-000004.pt",
+                                                                  "checkpoints/step-000006.pt"]
+    assert sum(n.startswith("model/unet/") for n in names) == 2
+
+    # The same job uninterrupted, in this process, with the workers' single thread.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from tests.conftest import InlineRunner
+
+        reference = InlineRunner(replace(settings, failpoints=""))("ddpm.train", params)
+    finally:
+        torch.set_num_threads(threads)
+    resumed = fetch(next(a["url"] for a in job["artifacts"] if a["name"] == "loss.csv")).decode()
+    expected = reference.read("loss.csv").decode()
+    got = [float(line.split(",")[1]) for line in resumed.split()[1:]]
+    want = [float(line.split(",")[1]) for line in expected.split()[1:]]
+    assert len(got) == 6
+    assert got == pytest.approx(want, rel=1e-4)

@@ -27,6 +27,35 @@ from worker.runners import RUNNERS
 log = logging.getLogger(__name__)
 
 
+class Heartbeat:
+    """Renews the running job's lease every `heartbeat_s` from a thread, so a worker
+    that dies stops renewing and its job can be claimed again once the lease expires.
+    A failed renewal (another attempt owns the job) sets `lost`; the runner sees it
+    at its next step boundary."""
+
+    def __init__(self, sessions, job_id: str, token: int, settings: Settings, lost: threading.Event):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(sessions, job_id, token, settings, lost), name=f"heartbeat-{job_id[:8]}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _run(self, sessions, job_id: str, token: int, settings: Settings, lost: threading.Event) -> None:
+        while not self._stop.wait(settings.heartbeat_s):
+            try:
+                with sessions() as session:
+                    if not jobs.renew_lease(session, job_id, token, settings.lease_s):
+                        lost.set()
+                        return
+            except Exception:  # the DB blinked: try again next beat, the lease has slack
+                log.exception("job %s: lease renewal failed", job_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Executor:
     def __init__(self, settings: Settings, app: Celery):
         self.settings = settings
@@ -58,6 +87,7 @@ class Executor:
         log.info("job %s (%s) claimed by %s, attempt %d", job_id, kind, worker_id, token)
 
         ctx = JobContext(self.settings, self.sessions, self.storage, job_id, token, log, self.stopping)
+        heartbeat = Heartbeat(self.sessions, job_id, token, self.settings, ctx.lease_lost)
         status, result, error, tb = JobStatus.SUCCEEDED, None, None, None
         try:
             spec = validate_params(kind, params)
@@ -73,6 +103,7 @@ class Executor:
             status, error, tb = JobStatus.FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc()
             log.error("job %s failed: %s", job_id, error)
         finally:
+            heartbeat.stop()
             ctx.close()
 
         with self.sessions() as session:

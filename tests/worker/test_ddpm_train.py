@@ -1,0 +1,243 @@
+"""ddpm.train through the real Executor, in process, on the tiny preset: checkpoints,
+resume with the same loss trajectory, EMA, accumulation, precisions, datasets, presets."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared import jobs
+from shared.db import make_engine, make_sessionmaker, session_scope
+from shared.specs import validate_params
+
+# Every feature whose state a checkpoint must carry: EMA, accumulation, warmup and
+# a decaying lr, flips (RNG), AdamW moments.
+RESUMABLE = {
+    "preset": "tiny", "max_steps": 6, "batch_size": 8, "gradient_accumulation_steps": 2, "checkpoint_every": 2,
+    "checkpoints_keep": 2, "use_ema": True, "random_flip": True, "lr_scheduler": "cosine", "lr_warmup_steps": 2,
+    "sample_every": 0, "sample_steps": 2, "num_samples": 10,
+}
+
+
+def losses_of(job) -> list[float]:
+    rows = list(csv.DictReader(io.StringIO(job.read("loss.csv").decode())))
+    assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
+    return [float(r["loss"]) for r in rows]
+
+
+def names(job, prefix: str = "") -> list[str]:
+    return sorted(a.name for a in job.artifacts if a.name.startswith(prefix))
+
+
+def retry(settings, job_id: str) -> None:
+    with session_scope(make_sessionmaker(make_engine(settings.database_url))) as session:
+        jobs.retry(session, job_id)
+
+
+def test_retry_resumes_from_the_last_checkpoint_with_the_same_losses(run_inline, sqlite_settings):
+    uninterrupted = run_inline("ddpm.train", RESUMABLE)
+    assert uninterrupted.status == "succeeded", uninterrupted.traceback
+    assert names(uninterrupted, "checkpoints/") == ["checkpoints/step-000004.pt", "checkpoints/step-000006.pt"]
+
+    # The first attempt dies right after checkpoint 4 is published.
+    faulty = replace(sqlite_settings, failpoints="checkpoint.published@4=raise")
+    job = run_inline("ddpm.train", RESUMABLE, settings=faulty)
+    assert job.status == "failed" and "failpoint checkpoint.published@4" in job.error
+    assert names(job, "checkpoints/") == ["checkpoints/step-000002.pt", "checkpoints/step-000004.pt"]
+
+    retry(sqlite_settings, job.id)
+    job = run_inline.again(job.id)
+    assert job.status == "succeeded", job.traceback
+    assert job.attempt == 2
+    assert job.result["resumed_from_step"] == 4
+    assert names(job, "checkpoints/") == ["checkpoints/step-000004.pt", "checkpoints/step-000006.pt"]
+    assert len(names(job, "model/unet/")) == 2  # config + weights: one set
+    # Steps 1-4 come from the checkpoint, 5-6 were trained after the resume; all
+    # match the uninterrupted run (same seed, same data order, same noise).
+    np.testing.assert_allclose(losses_of(job), losses_of(uninterrupted), rtol=1e-5)
+    assert job.read("model/unet/diffusion_pytorch_model.safetensors") == uninterrupted.read(
+        "model/unet/diffusion_pytorch_model.safetensors")
+
+
+def test_a_checkpoint_killed_while_writing_is_never_used(run_inline, sqlite_settings):
+    """The fault hits after step 4's file is written locally but before it is
+    published: the listed checkpoints stay complete and the retry resumes from 2."""
+    params = {**RESUMABLE, "use_ema": False, "gradient_accumulation_steps": 1}
+    job = run_inline("ddpm.train", params, settings=replace(sqlite_settings, failpoints="checkpoint.writing@4=raise"))
+    assert job.status == "failed"
+    assert names(job, "checkpoints/") == ["checkpoints/step-000002.pt"]
+    retry(sqlite_settings, job.id)
+    job = run_inline.again(job.id)
+    assert job.status == "succeeded", job.traceback
+    assert job.result["resumed_from_step"] == 2
+    assert len(losses_of(job)) == 6
+
+
+def test_keep_limit_deletes_old_checkpoints_from_storage(run_inline, sqlite_settings):
+    from shared.storage import make_storage
+
+    job = run_inline("ddpm.train", {"preset": "tiny", "max_steps": 5, "checkpoint_every": 1, "checkpoints_keep": 2,
+                                    "sample_steps": 2, "num_samples": 2})
+    assert job.status == "succeeded", job.traceback
+    assert names(job, "checkpoints/") == ["checkpoints/step-000004.pt", "checkpoints/step-000005.pt"]
+    stored = make_storage(sqlite_settings).list(f"jobs/{job.id}/checkpoints/")
+    assert [k.rsplit("/", 1)[1] for k in stored] == ["step-000004.pt", "step-000005.pt"]
+    state = torch.load(io.BytesIO(job.read("checkpoints/step-000005.pt")), weights_only=True)
+    assert state["step"] == 5 and len(state["losses"]) == 5 and state["spec"]["max_steps"] == 5
+
+
+def test_samples_every_n_steps_and_metrics(run_inline):
+    job = run_inline("ddpm.train", {"preset": "tiny", "max_steps": 4, "sample_every": 2, "sample_steps": 2,
+                                    "num_samples": 20})
+    assert job.status == "succeeded", job.traceback
+    assert names(job, "samples/") == ["samples/step-000002.png", "samples/step-000004.png"]
+    grid = Image.open(io.BytesIO(job.read("samples/step-000004.png")))
+    assert grid.mode == "L" and grid.size == (10 * 16 + 11 * 2, 2 * 16 + 3 * 2)  # a column per class
+    metrics = json.loads(job.read("metrics.json"))
+    assert metrics["steps"] == 4 and metrics["images_per_s"] > 0 and metrics["dataset_size"] == 1797
+    assert metrics["classes"] == [str(i) for i in range(10)]
+    assert json.loads(job.read("model/class_names.json")) == metrics["classes"]
+    assert 0 < metrics["final_loss"] < 2
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_prediction_types_are_trained_and_exported(run_inline, prediction_type):
+    job = run_inline("ddpm.train", {"preset": "tiny", "max_steps": 3, "prediction_type": prediction_type,
+                                    "class_conditional": False, "sample_steps": 2, "num_samples": 2})
+    assert job.status == "succeeded", job.traceback
+    config = json.loads(job.read("model/scheduler/scheduler_config.json"))
+    assert config["prediction_type"] == prediction_type
+    assert json.loads(job.read("model/unet/config.json"))["num_class_embeds"] is None
+    assert "model/class_names.json" not in names(job)
+
+
+def test_mixed_precision_on_cpu(run_inline):
+    bf16 = run_inline("ddpm.train", {"preset": "tiny", "max_steps": 3, "mixed_precision": "bf16", "sample_steps": 2,
+                                     "num_samples": 2})
+    assert bf16.status == "succeeded", bf16.traceback
+    assert bf16.result["mixed_precision"] == "bf16" and np.isfinite(bf16.result["final_loss"])
+    fp16 = run_inline("ddpm.train", {"preset": "tiny", "max_steps": 2, "mixed_precision": "fp16", "sample_steps": 2,
+                                     "num_samples": 2})
+    assert fp16.status == "succeeded", fp16.traceback
+    assert fp16.result["mixed_precision"] == "no"  # fp16 autocast needs a GPU
+
+
+def test_epochs_set_the_step_count(run_inline):
+    job = run_inline("ddpm.train", {"preset": "tiny", "epochs": 1, "batch_size": 512, "sample_steps": 2,
+                                    "num_samples": 2})
+    assert job.status == "succeeded", job.traceback
+    assert job.result["steps"] == 1797 // 512
+
+
+def test_batch_larger_than_the_dataset_fails_clearly(run_inline):
+    job = run_inline("ddpm.train", {"preset": "tiny", "max_train_samples": 10, "batch_size": 32})
+    assert job.status == "failed"
+    assert "batch_size 32 is larger than the dataset (10 images)" in job.error
+
+
+def test_hf_dataset_offline_fails_fast_and_clearly(run_inline, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    job = run_inline("ddpm.train", {"preset": "fashion-32", "dataset": "hf:nobody/no-such-dataset", "max_steps": 1})
+    assert job.status == "failed"
+    assert "dataset hf:nobody/no-such-dataset (split train) could not be loaded" in job.error
+    assert "unreachable" in job.error
+
+
+def test_hf_dataset_columns_labels_and_padding(run_inline, tmp_path, monkeypatch):
+    """A datasets-format dataset (here a local one, as the hub is out of reach) with
+    an Image and a ClassLabel column: 28 px grayscale padded to 32, as SEEDS §4."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    pics = [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), mode="L") for _ in range(12)]
+    features = datasets.Features({"img": datasets.Image(), "kind": datasets.ClassLabel(names=["shirt", "shoe"])})
+    ds = datasets.Dataset.from_dict({"img": pics, "kind": [i % 2 for i in range(12)]}, features=features)
+    (tmp_path / "local").mkdir()
+    ds.to_parquet(str(tmp_path / "local" / "clothes" / "train.parquet"))
+
+    # The tiny preset names no columns: the Image and ClassLabel features are found.
+    job = run_inline("ddpm.train", {
+        "preset": "tiny", "dataset": "hf:local/clothes", "image_size": 32, "resize_mode": "pad", "max_steps": 2,
+        "batch_size": 4, "sample_steps": 2, "num_samples": 4,
+    })
+    assert job.status == "succeeded", job.traceback
+    assert job.result["classes"] == ["shirt", "shoe"] and job.result["dataset_size"] == 12
+    unet_config = json.loads(job.read("model/unet/config.json"))
+    assert (unet_config["in_channels"], unet_config["sample_size"], unet_config["num_class_embeds"]) == (1, 32, 2)
+
+
+def test_padding_keeps_the_image_and_adds_a_black_border():
+    from worker.data.datasets import preprocess
+
+    img = Image.new("L", (28, 28), 200)
+    arr = preprocess(img, 32, "pad", 1)
+    assert arr.shape == (1, 32, 32)
+    assert (arr[0, 2:30, 2:30] == 200).all() and arr[0, :2].max() == 0 and arr[0, :, :2].max() == 0
+    rgb = preprocess(Image.new("RGB", (50, 20), (10, 20, 30)), 16, "resize", 3)
+    assert rgb.shape == (3, 16, 16) and tuple(rgb[:, 8, 8]) == (10, 20, 30)
+
+
+def test_presets_match_the_source_models():
+    """SEEDS §2: the book's UNet has 63.2 M params; the guide's has attention only at level 4."""
+    from worker.runners.ddpm_train import build_unet
+
+    book = validate_params("ddpm.train", {"preset": "book-64"})
+    unet = build_unet(book, 3, None)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 63.2
+    assert unet.config.down_block_types == ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    assert (book.beta_start, book.batch_size, book.learning_rate, book.epochs) == (0.001, 16, 1e-4, 50)
+    guide = validate_params("ddpm.train", {"preset": "guide-128"})
+    assert guide.attention_levels == [4] and guide.block_out_channels == [128, 128, 256, 256, 512, 512]
+    fashion = validate_params("ddpm.train", {"preset": "fashion-32"})
+    assert (fashion.learning_rate, fashion.adam_epsilon, fashion.batch_size, fashion.channels) == (3e-4, 1e-5, 256, 1)
+    assert fashion.resize_mode == "pad" and fashion.class_conditional
+
+
+def test_uploaded_zip_with_class_folders_trains_a_class_conditioned_model(run_inline, sqlite_settings, tmp_path):
+    """Upload a zip (through the real upload code), train on it: the folders become
+    labels, RGB images give a 3-channel model, and the export records the class names."""
+    from shared.storage import make_storage
+    from shared.uploads import save_upload
+    from tests.upload_files import png_bytes, zip_bytes
+
+    entries = {f"pets/{cls}/{i}.png": png_bytes(12, 10, color=(40 * i, 200 if cls == "cat" else 0, 90))
+               for cls in ("dog", "cat") for i in range(4)}
+    path = tmp_path / "pets.zip"
+    path.write_bytes(zip_bytes(entries))
+    upload = save_upload(make_sessionmaker(make_engine(sqlite_settings.database_url)), make_storage(sqlite_settings),
+                         sqlite_settings, "pets.zip", path)
+
+    job = run_inline("ddpm.train", {"preset": "tiny", "dataset": f"upload:{upload.id}", "max_steps": 2,
+                                    "batch_size": 4, "random_flip": True, "sample_steps": 2, "num_samples": 4})
+    assert job.status == "succeeded", job.traceback
+    assert job.result["classes"] == ["cat", "dog"] and job.result["dataset_size"] == 8
+    assert json.loads(job.read("model/class_names.json")) == ["cat", "dog"]
+    unet_config = json.loads(job.read("model/unet/config.json"))
+    assert (unet_config["in_channels"], unet_config["num_class_embeds"]) == (3, 2)
+    assert Image.open(io.BytesIO(job.read("samples.png"))).mode == "RGB"
+
+
+def test_class_conditional_on_an_unlabelled_upload_fails_clearly(run_inline, sqlite_settings, tmp_path):
+    from shared.storage import make_storage
+    from shared.uploads import save_upload
+    from tests.upload_files import flat_zip
+
+    path = tmp_path / "flat.zip"
+    path.write_bytes(flat_zip(4))
+    upload = save_upload(make_sessionmaker(make_engine(sqlite_settings.database_url)), make_storage(sqlite_settings),
+                         sqlite_settings, "flat.zip", path)
+    job = run_inline("ddpm.train", {"preset": "tiny", "dataset": f"upload:{upload.id}", "batch_size": 2,
+                                    "class_conditional": True, "max_steps": 1})
+    assert job.status == "failed"
+    assert "class_conditional is set but dataset" in job.error and "sub-folder" in job.error
