@@ -55,17 +55,20 @@ DDPM_PRESETS: dict[str, dict[str, Any]] = {
         "sample_every": 0,
     },
     "digits": {
+        # Tuned with bench/digits_quality.py: v-prediction on the cosine schedule
+        # learns class-true digits in far fewer steps than epsilon (98% vs 75% at 700).
         "dataset": "digits",
         "image_size": 16,
-        "block_out_channels": [64, 128],
+        "block_out_channels": [32, 64, 64],
         "layers_per_block": 2,
-        "attention_levels": [1],
+        "attention_levels": [2],
         "class_conditional": True,
         "random_flip": False,
         "beta_schedule": "squaredcos_cap_v2",
         "beta_start": 0.0001,
         "beta_end": 0.02,
-        "max_steps": 1500,
+        "prediction_type": "v_prediction",
+        "max_steps": 700,
         "batch_size": 64,
         "learning_rate": 1e-3,
         "lr_scheduler": "cosine",
@@ -75,8 +78,8 @@ DDPM_PRESETS: dict[str, dict[str, Any]] = {
         "sample_scheduler": "ddim",
         "sample_steps": 50,
         "num_samples": 20,
-        "checkpoint_every": 500,
-        "sample_every": 500,
+        "checkpoint_every": 250,
+        "sample_every": 250,
     },
     "fashion-32": {
         "dataset": "hf:fashion_mnist",
@@ -152,7 +155,8 @@ DDPM_PRESETS: dict[str, dict[str, Any]] = {
 }
 DDPM_PRESET_HELP = {
     "tiny": "16 px, two levels, for tests: learns the digits' shapes on a CPU in under a minute.",
-    "digits": "16 px class-conditioned UNet with EMA on scikit-learn's bundled digits: a few CPU minutes.",
+    "digits": "16 px class-conditioned UNet (1.6 M params, v-prediction, EMA) on scikit-learn's bundled digits: "
+    "about 4 minutes on a 2-core CPU, and 98% of its samples are read as the right digit by an independent classifier.",
     "fashion-32": "SEEDS §4: class-conditioned 1-channel 32 px UNet on Fashion-MNIST (padded 28 to 32), "
     "batch 256, AdamW lr 3e-4 eps 1e-5, 25 epochs.",
     "book-64": "SEEDS §2, the book: 64 px butterflies, 63 M-param UNet with attention at the two lowest levels, "

@@ -29,7 +29,7 @@ def test_train_digits_preset_fills_its_values():
     spec = validate_params("ddpm.train", {"preset": "digits"}).model_dump()
     for name, value in DDPM_PRESETS["digits"].items():
         assert spec[name] == value, name
-    assert spec["image_size"] == 16 and spec["attention_levels"] == [1]
+    assert spec["image_size"] == 16 and spec["attention_levels"] == [2] and spec["prediction_type"] == "v_prediction"
 
 
 def test_explicit_params_override_the_preset():

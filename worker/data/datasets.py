@@ -21,6 +21,9 @@ from worker.context import JobContext
 from worker import hub
 
 
+CHANNEL_PROBE = 256  # images looked at to choose 1 or 3 channels when `channels` is empty
+
+
 class DatasetUnavailable(RuntimeError):
     """The dataset could not be read (offline hub, unknown name, bad column)."""
 
@@ -59,18 +62,42 @@ def _digits():
     return [Image.fromarray(img, mode="L") for img in raw], digits.target.tolist(), [str(i) for i in range(10)]
 
 
+class ZipImages:
+    """The images of a dataset zip, decoded one at a time on access (a list of all
+    decoded images could need many GB)."""
+
+    def __init__(self, zf: zipfile.ZipFile, names: list[str]):
+        self.zf, self.names = zf, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> Image.Image:
+        with self.zf.open(self.names[i]) as fh:
+            image = Image.open(fh)
+            image.load()
+        return image
+
+
+class HubImages:
+    """One column of a datasets.Dataset, decoded one row at a time."""
+
+    def __init__(self, ds, column: str):
+        self.ds, self.column = ds, column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Image.Image:
+        return self.ds[i][self.column]
+
+
 def _upload(spec: DDPMTrainSpec, ctx: JobContext):
     path, _ = ctx.fetch_upload(spec.dataset, "dataset")
-    with zipfile.ZipFile(path) as zf:
-        members, classes = dataset_members(zf, ctx.settings)  # the upload's checks, again
-        images = []
-        for name, _label in members:
-            with zf.open(name) as fh:
-                image = Image.open(fh)
-                image.load()
-            images.append(image)
+    zf = zipfile.ZipFile(path)  # read while the job runs; its workdir goes with it
+    members, classes = dataset_members(zf, ctx.settings)  # the upload's checks, again
     labels = [label for _, label in members] if classes else None
-    return images, labels, classes
+    return ZipImages(zf, [name for name, _ in members]), labels, classes
 
 
 def _hub(spec: DDPMTrainSpec, ctx: JobContext):
@@ -83,13 +110,13 @@ def _hub(spec: DDPMTrainSpec, ctx: JobContext):
 
     try:
         offline = hub.lookup("dataset", name, ctx.log)
-    except Exception as exc:
-        raise unavailable("unknown name", exc) from None
+    except Exception:  # the hub answered: let datasets, which also knows legacy names, decide
+        offline = False
     with hub.offline_mode(offline):
         try:
             ds = datasets.load_dataset(name, split=split)
         except Exception as exc:
-            why = "the hub is unreachable and it is not in the local cache" if offline else "unknown split?"
+            why = "the hub is unreachable and it is not in the local cache" if offline else "unknown name or split?"
             raise unavailable(why, exc) from None
     features = ds.features
     image_col = spec.image_column or next(
@@ -108,7 +135,7 @@ def _hub(spec: DDPMTrainSpec, ctx: JobContext):
         )
     if spec.max_train_samples:
         ds = ds.select(range(min(spec.max_train_samples, len(ds))))
-    images = ds[image_col]
+    images = HubImages(ds.select_columns([image_col]), image_col)
     if label_col is None:
         return images, None, None
     raw = ds[label_col]
@@ -127,13 +154,14 @@ def load_dataset(spec: DDPMTrainSpec, ctx: JobContext) -> TrainData:
         images, labels, classes = _upload(spec, ctx)
     else:
         images, labels, classes = _hub(spec, ctx)
-    if spec.max_train_samples:
-        images = images[: spec.max_train_samples]
-        labels = labels[: spec.max_train_samples] if labels is not None else None
-    if not images:
+    count = min(len(images), spec.max_train_samples or len(images))
+    if count == 0:
         raise DatasetUnavailable(f"dataset {spec.dataset} has no images")
-    channels = spec.channels or _channels(images)
-    arrays = np.stack([preprocess(img, spec.image_size, spec.resize_mode, channels) for img in images])
+    labels = labels[:count] if labels is not None else None
+    channels = spec.channels or _channels(images[i] for i in range(min(count, CHANNEL_PROBE)))
+    arrays = np.empty((count, channels, spec.image_size, spec.image_size), dtype=np.uint8)
+    for i in range(count):
+        arrays[i] = preprocess(images[i], spec.image_size, spec.resize_mode, channels)
     if spec.class_conditional is False or spec.class_conditional is None and labels is None:
         labels, classes = None, None
     elif labels is None:
@@ -149,5 +177,5 @@ def load_dataset(spec: DDPMTrainSpec, ctx: JobContext) -> TrainData:
 
 
 def _channels(images: Iterable[Image.Image]) -> int:
-    """1 when every image is grayscale, else 3."""
+    """1 when every probed image is grayscale, else 3."""
     return 1 if all(img.mode in ("1", "L", "LA", "I", "I;16", "F") for img in images) else 3
