@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from shared.specs import DDPMTrainSpec
 from shared.uploads import dataset_members
 from worker.context import JobContext
+from worker.data.digits import CLASS_NAMES, digits_images
 from worker import hub
 
 
@@ -55,11 +56,8 @@ def preprocess(image: Image.Image, size: int, mode: str, channels: int) -> np.nd
 
 
 def _digits():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    raw = (digits.images * (255.0 / 16.0)).astype(np.uint8)  # pixel values are 0..16
-    return [Image.fromarray(img, mode="L") for img in raw], digits.target.tolist(), [str(i) for i in range(10)]
+    images, labels = digits_images()
+    return images, labels, CLASS_NAMES
 
 
 class ZipImages:
