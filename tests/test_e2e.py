@@ -153,7 +153,7 @@ def test_sigterm_requeues_running_job(sqlite_settings, start_services):
     stuck running) and the next worker runs it to success as attempt 2."""
     svc = start_services(sqlite_settings)
     resp = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": {"max_steps": 40, "sample_steps": 2,
-                                                                            "num_samples": 1}})
+                                                                            "num_samples": 1, "checkpoint_every": 1000}})
     job_id = resp.json()["id"]
     svc.wait_for(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 3, what="training steps")
     worker = svc.procs.pop("worker")
@@ -167,6 +167,8 @@ def test_sigterm_requeues_running_job(sqlite_settings, start_services):
     job = svc.wait_finished(job_id)
     assert job["status"] == "succeeded", job["error"]
     assert job["attempt"] == 2
+    # Training checkpointed the steps it had done before it let go, and resumed there.
+    assert job["result"]["resumed_from_step"] >= 3
 
 
 @pytest.mark.services
