@@ -11,15 +11,16 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from shared.errors import SpecError, UnknownKind
 
-# `job:<id>`, a local folder name, or a Hugging Face hub id `org/name` (a local folder first).
-MODEL_REF_PATTERN = (
-    r"^(job:[0-9a-f]{32}|[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-    r"|[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95})$"
+# A local folder name, or a Hugging Face hub id `org/name` (a local folder first).
+LOCAL_OR_HUB_MODEL = (
+    r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}|[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 )
+# ... or `job:<id>`, a finished training job's model.
+MODEL_REF_PATTERN = rf"^(job:[0-9a-f]{{32}}|{LOCAL_OR_HUB_MODEL})$"
 
 
 class Spec(BaseModel):
@@ -435,6 +436,267 @@ class DDPMSchedulePlotSpec(Spec):
         return self
 
 
+# ----------------------------------------------------------------- Stable Diffusion
+MAX_PROMPT_CHARS = 1000
+MAX_PROMPTS = 256  # prompts in one job's `prompts` list
+MAX_SD_IMAGES = 256  # images from one txt2img or img2img job with `prompts`
+MAX_SWEEP_CELLS = 64  # guidance scales x seeds x step counts in one sweep
+SD_MODEL_PATTERN = rf"^({LOCAL_OR_HUB_MODEL})$"
+# `upload:<id>` of an image, or `job:<id>/<artifact name>`: an image a finished job wrote.
+INIT_IMAGE_PATTERN = rf"^({UPLOAD_REF}|job:[0-9a-f]{{32}}/[^/\\\x00-\x1f][^\\\x00-\x1f]{{0,511}})$"
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
+NegativePrompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+GuidanceScale = Annotated[float, Field(ge=0, le=50)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+StepCount = Annotated[int, Field(ge=1, le=500)]
+GUIDANCE_HELP = (
+    "Classifier-free guidance: each step uses uncond + g * (cond - uncond), for every g (diffusers' pipelines "
+    "skip guidance when g <= 1; here 1 is the prompt alone, 0 the negative prompt alone, and between them a blend)."
+)
+
+
+def _with_preset(data: Any, presets: dict[str, dict[str, Any]], default: str) -> Any:
+    """A preset's values under the explicit params (an explicit null overrides too)."""
+    if not isinstance(data, dict):
+        return data
+    preset = data.get("preset", default)
+    base = presets.get(preset, {}) if isinstance(preset, str) else {}
+    return {**base, **data}
+
+
+class SDSpec(Spec):
+    """What every Stable Diffusion job has: the pipeline to load and how to sample."""
+
+    model: str = Field(
+        "runwayml/stable-diffusion-v1-5",
+        pattern=SD_MODEL_PATTERN,
+        description="A folder under DIFFQUEUE_MODELS_DIR (a saved StableDiffusionPipeline), else a Hugging Face "
+        "hub id `org/name`.",
+    )
+    variant: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="Weights variant to load, e.g. `fp16`; empty: the main weights.",
+    )
+    torch_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="`auto`: float16 on CUDA, float32 on a CPU."
+    )
+    vae: str | None = Field(
+        None,
+        pattern=SD_MODEL_PATTERN,
+        description="A VAE to use instead of the pipeline's (same forms as model), e.g. `stabilityai/sd-vae-ft-ema`.",
+    )
+    scheduler: Literal["pndm", "ddim", "euler", "euler_a", "dpm++"] = Field(
+        "pndm", description="pndm (SD 1.x's own), ddim, euler, euler_a (ancestral) or dpm++ (DPMSolver++ multistep)."
+    )
+    steps: int = Field(50, ge=1, le=500, description="Denoising steps.")
+    width: int = Field(
+        512, ge=16, le=2048, multiple_of=8, description="Image width in pixels (multiple of 8); sd.img2img fits the "
+        "init image inside width x height, keeping its aspect ratio."
+    )
+    height: int = Field(512, ge=16, le=2048, multiple_of=8, description="Image height in pixels (multiple of 8).")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    batch_size: int = Field(8, ge=1, le=64, description="Most images per UNet batch.")
+    preview_every: int | None = Field(
+        None,
+        ge=1,
+        le=500,
+        description="Decode previews/step-NNNN.png (the first image) every this many steps and at the last. "
+        "Empty: steps // 8.",
+    )
+    compile: bool = Field(False, description="torch.compile the UNet (CUDA only).")
+    vae_tiling: bool = Field(False, description="Decode in tiles: less memory for large images.")
+
+    @property
+    def preview_interval(self) -> int:
+        return self.preview_every or max(1, self.steps // 8)
+
+    def _check_previews(self, steps: int) -> None:
+        interval = self.preview_every or max(1, steps // 8)
+        if steps / interval > MAX_PREVIEWS:
+            raise ValueError(
+                f"preview_every: {interval} gives more than {MAX_PREVIEWS} previews for {steps} steps; "
+                f"use at least {math.ceil(steps / MAX_PREVIEWS)}"
+            )
+
+
+class SDPromptsSpec(SDSpec):
+    """Fields of the prompt-driven kinds (txt2img, img2img): prompts or a prompts file."""
+
+    prompts: list[Prompt] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PROMPTS,
+        description=f"1 to {MAX_PROMPTS} prompts, each at most {MAX_PROMPT_CHARS} characters. "
+        "Give this or prompts_upload.",
+    )
+    prompts_upload: str | None = Field(
+        None,
+        pattern=rf"^{UPLOAD_REF}$",
+        description="`upload:<id>` of a prompts file (.txt, one prompt a line, or .csv with prompt and optional "
+        "negative_prompt and seed columns). Give this or prompts.",
+        json_schema_extra={"upload_kind": "prompts"},
+    )
+    negative_prompt: NegativePrompt | list[NegativePrompt] | None = Field(
+        None,
+        description="What to steer away from: one for all prompts, or a list with one per prompt. Empty: none "
+        "(the unconditional empty prompt).",
+    )
+    num_images_per_prompt: int = Field(1, ge=1, le=16)
+    guidance_scale: float = Field(7.5, ge=0, le=50, description=GUIDANCE_HELP)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_count(cls, v):
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_PROMPTS:
+            raise ValueError(f"a list of negative prompts must have 1 to {MAX_PROMPTS} entries, got {len(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _prompts(self) -> "SDPromptsSpec":
+        if self.prompts is not None and self.prompts_upload is not None:
+            raise ValueError("prompts: give prompts or prompts_upload, not both")
+        if self.prompts is None and self.prompts_upload is None:
+            raise ValueError("prompts: give one of prompts or prompts_upload")
+        if self.prompts is not None:
+            n = len(self.prompts)
+            if isinstance(self.negative_prompt, list) and len(self.negative_prompt) != n:
+                raise ValueError(
+                    f"negative_prompt: has {len(self.negative_prompt)} entries and prompts has {n}: "
+                    "give one negative prompt, or one per prompt"
+                )
+            total = n * self.num_images_per_prompt
+            if total > MAX_SD_IMAGES:
+                raise ValueError(
+                    f"num_images_per_prompt: {n} prompts x {self.num_images_per_prompt} images = {total} images, "
+                    f"more than {MAX_SD_IMAGES}"
+                )
+        self._check_previews(self.steps)
+        return self
+
+
+# SEEDS.md §5: the hand-written loops' settings, and the guide's fp16 weights with the fine-tuned VAE.
+SD_TXT2IMG_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "article": {"scheduler": "pndm", "steps": 64, "guidance_scale": 9.0, "seed": 193},
+    "loop": {"width": 512, "height": 512, "steps": 30, "guidance_scale": 7.5, "seed": 42},
+    "guide": {"variant": "fp16", "vae": "stabilityai/sd-vae-ft-ema"},
+}
+SD_TXT2IMG_PRESET_HELP = {
+    "default": "The service defaults: PNDM, 50 steps, guidance 7.5, seed 0, 512 px.",
+    "article": "SEEDS §5, the article's loop: PNDM, 64 steps, guidance 9.0, seed 193 (the article used "
+    "CompVis/stable-diffusion-v1-4), a preview every steps // 8.",
+    "loop": "SEEDS §5, the hand-written loop: 512 x 512, 30 steps, guidance 7.5, seed 42.",
+    "guide": "SEEDS §5, the guide: the fp16 weights variant with the VAE swapped for stabilityai/sd-vae-ft-ema.",
+}
+
+
+class SDTxt2ImgSpec(SDPromptsSpec):
+    """Stable Diffusion text-to-image (SEEDS.md §5, §7): prompts with optional negative
+    prompts, several images per prompt, batched through the UNet, with previews."""
+
+    preset: Literal["default", "article", "loop", "guide"] = Field(
+        "default", description="Base settings; other params override them."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        return _with_preset(data, SD_TXT2IMG_PRESETS, "default")
+
+
+class SDImg2ImgSpec(SDPromptsSpec):
+    """Stable Diffusion image-to-image variations (SEEDS.md §8): an init image, noised
+    to `strength` and denoised toward the prompts."""
+
+    init_image: str = Field(
+        ...,
+        pattern=INIT_IMAGE_PATTERN,
+        description="`upload:<id>` of an image, or `job:<id>/<artifact name>` of an image a finished job wrote "
+        "(e.g. `job:<id>/images/0000-00.png`).",
+        json_schema_extra={"upload_kind": "image"},
+    )
+    strength: float = Field(
+        0.8, gt=0, le=1, description="How far to noise the init image: 1 ignores it, near 0 keeps it. "
+        "int(steps * strength) steps run."
+    )
+    guidance_scale: float = Field(6.0, ge=0, le=50, description=GUIDANCE_HELP)
+    seed: int = Field(193, ge=0, le=2**32 - 1)
+
+    @field_validator("init_image", mode="before")
+    @classmethod
+    def _image_ref(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v  # the type check names it
+        if not re.fullmatch(INIT_IMAGE_PATTERN, v):
+            raise ValueError(
+                f"expected upload:<32 hex digits> or job:<32 hex digits>/<artifact name> "
+                f"(a relative name, at most 512 characters, no backslashes), got {v[:80]!r}"
+            )
+        if v.startswith("job:") and any(part in ("", ".", "..") for part in v.split("/", 1)[1].split("/")):
+            raise ValueError(f"{v!r}: the artifact name must be a relative path with no empty, . or .. parts")
+        return v
+
+    @model_validator(mode="after")
+    def _some_steps(self) -> "SDImg2ImgSpec":
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(
+                f"strength: {self.strength} x {self.steps} steps runs no denoising step; "
+                f"use strength >= {1 / self.steps:g} or more steps"
+            )
+        return self
+
+
+DEFAULT_GUIDANCE_SCALES = [0.25, 0.5, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0]
+# SEEDS.md §6 (the article's sweep) and §5 (the guide's guidance comparison).
+SD_SWEEP_PRESETS: dict[str, dict[str, Any]] = {
+    "article": {"guidance_scales": DEFAULT_GUIDANCE_SCALES, "seeds": [193], "steps": 50, "scheduler": "pndm"},
+    "guide": {"guidance_scales": [1.0, 2.0, 4.0, 12.0], "seeds": [0], "steps": 50, "scheduler": "pndm"},
+}
+SD_SWEEP_PRESET_HELP = {
+    "article": "SEEDS §6: guidance 0.25 to 20 (nine scales), seed 193, 50 steps.",
+    "guide": "SEEDS §5: guidance 1, 2, 4 and 12, seed 0, 50 steps.",
+}
+
+
+class SDSweepSpec(SDSpec):
+    """Stable Diffusion guidance sweep (SEEDS.md §6): one prompt at every guidance
+    scale x seed x step count, batched into one denoising loop, and a grid of it all."""
+
+    preset: Literal["article", "guide"] = Field("article", description="Base settings; other params override them.")
+    prompt: Prompt = Field(..., description=f"The prompt, at most {MAX_PROMPT_CHARS} characters.")
+    negative_prompt: NegativePrompt | None = Field(None, description="What to steer away from; empty: none.")
+    guidance_scales: list[GuidanceScale] = Field(
+        DEFAULT_GUIDANCE_SCALES,
+        min_length=1,
+        max_length=64,
+        description="Guidance scales to compare, each in [0, 50]. " + GUIDANCE_HELP,
+    )
+    seeds: list[Seed] = Field([193], min_length=1, max_length=64, description="Seeds to compare.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Not used by a sweep: see seeds.")
+    steps_list: list[StepCount] | None = Field(
+        None, min_length=1, max_length=16, description="Step counts to compare; empty: steps alone."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        return _with_preset(data, SD_SWEEP_PRESETS, "article")
+
+    @model_validator(mode="after")
+    def _cells(self) -> "SDSweepSpec":
+        step_counts = self.steps_list or [self.steps]
+        cells = len(self.guidance_scales) * len(self.seeds) * len(step_counts)
+        if cells > MAX_SWEEP_CELLS:
+            by_steps = f" x {len(step_counts)} step counts" if self.steps_list else ""
+            raise ValueError(
+                f"guidance_scales: {len(self.guidance_scales)} scales x {len(self.seeds)} seeds{by_steps} = "
+                f"{cells} cells, more than {MAX_SWEEP_CELLS}"
+            )
+        self._check_previews(max(step_counts))
+        return self
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -451,6 +713,11 @@ KINDS: dict[str, Kind] = {
         Kind("ddpm.train", DDPMTrainSpec, "gpu", "Train a DDPM", DDPM_PRESETS, DDPM_PRESET_HELP),
         Kind("ddpm.sample", DDPMSampleSpec, "gpu", "Sample from a DDPM"),
         Kind("ddpm.schedule_plot", DDPMSchedulePlotSpec, "cpu", "Plot noise schedules"),
+        Kind("sd.txt2img", SDTxt2ImgSpec, "gpu", "Stable Diffusion: text to image", SD_TXT2IMG_PRESETS,
+             SD_TXT2IMG_PRESET_HELP),
+        Kind("sd.img2img", SDImg2ImgSpec, "gpu", "Stable Diffusion: image to image"),
+        Kind("sd.sweep", SDSweepSpec, "gpu", "Stable Diffusion: guidance sweep", SD_SWEEP_PRESETS,
+             SD_SWEEP_PRESET_HELP),
     ]
 }
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
 from sqlalchemy import select, text
 
-from shared import jobs, uploads
+from shared import jobs, model_catalog, uploads
 from shared.errors import JobNotFound, SpecError
 from shared.models import Artifact, Job, JobStatus, Upload
 from shared.specs import KINDS, kinds_schema, validate_priority
@@ -261,6 +261,17 @@ def get_upload(upload_id: str):
 @bp.get("/kinds")
 def list_kinds():
     return jsonify({"kinds": kinds_schema()})
+
+
+@bp.get("/models")
+def list_models():
+    """What a job's `model` can name without a download: folders under the models dir,
+    then the newest succeeded ddpm.train jobs' models."""
+    svc = services()
+    local = model_catalog.list_local_models(svc.settings.models_dir)
+    with svc.sessions() as session:
+        from_jobs = model_catalog.list_job_models(session)
+    return jsonify({"models": local + from_jobs})
 
 
 @bp.get("/healthz", endpoint="healthz_v1")

@@ -21,7 +21,8 @@ def form_fields(schema: dict) -> list[dict]:
     """Flatten a pydantic JSON schema into form field descriptions."""
     fields = []
     required = set(schema.get("required", []))
-    for name, prop in schema["properties"].items():
+    # A preset comes first: choosing it fills in the fields below.
+    for name, prop in sorted(schema["properties"].items(), key=lambda item: item[0] != "preset"):
         options = prop.get("anyOf", [prop])
         types = {o.get("type") for o in options}
         enum = next((o["enum"] for o in options if "enum" in o), None)
@@ -29,8 +30,11 @@ def form_fields(schema: dict) -> list[dict]:
             enum = [prop["const"]]
         # Objects and lists of objects (ddpm.sample's guidance, ddpm.schedule_plot's schedules) are typed as JSON.
         nested = any("$ref" in o or "$ref" in o.get("items", {}) for o in options)
+        item_type = next((o.get("items", {}).get("type") for o in options if o.get("type") == "array"), None)
+        # Lists of numbers are typed comma-separated; lists of strings (prompts) one a line.
         widget = "json" if nested else "select" if enum else "checkbox" if "boolean" in types else (
-            "list" if "array" in types else "number" if types & {"integer", "number"} else "text")
+            "lines" if item_type == "string" else "list" if "array" in types
+            else "number" if types & {"integer", "number"} else "text")
         fields.append({
             "name": name,
             "label": prop.get("title", name),
@@ -40,6 +44,8 @@ def form_fields(schema: dict) -> list[dict]:
             "default": prop.get("default"),
             "required": name in required,
             "step": "any" if "number" in types else "1",
+            "item_type": item_type,
+            "also_string": "string" in types,
         })
     return fields
 
@@ -60,9 +66,14 @@ def parse_form(kind: str, form) -> dict:
                 params[f["name"]] = json.loads(raw)
             except ValueError:
                 params[f["name"]] = raw  # the spec names the field and the expected type
+        elif f["widget"] == "lines":
+            lines = [line.strip() for line in raw.splitlines() if line.strip()]
+            # One line in a field that also takes a plain string (negative_prompt) is that string.
+            params[f["name"]] = lines[0] if f["also_string"] and len(lines) == 1 else lines
         elif f["widget"] == "list" or (f["widget"] == "number" and "," in raw):
+            to_number = float if f["item_type"] == "number" else int
             try:
-                params[f["name"]] = [int(x) for x in raw.replace(",", " ").split()]
+                params[f["name"]] = [to_number(x) for x in raw.replace(",", " ").split()]
             except ValueError:
                 params[f["name"]] = raw
         elif f["widget"] == "number":

@@ -158,7 +158,7 @@ def test_sample_class_label_range():
 # ------------------------------------------------------------------ schema
 def test_kinds_schema():
     kinds = {k["kind"]: k for k in kinds_schema()}
-    assert set(kinds) == {"ddpm.train", "ddpm.sample", "ddpm.schedule_plot"}
+    assert set(kinds) == {"ddpm.train", "ddpm.sample", "ddpm.schedule_plot", "sd.txt2img", "sd.img2img", "sd.sweep"}
     train, sample = kinds["ddpm.train"], kinds["ddpm.sample"]
     json.dumps(kinds)  # all of it serialisable
 

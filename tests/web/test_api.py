@@ -194,7 +194,7 @@ def test_cancel_and_retry(client):
 # ------------------------------------------------------------------ kinds / health
 def test_kinds(client):
     kinds = {k["kind"]: k for k in client.get("/api/v1/kinds").get_json()["kinds"]}
-    assert set(kinds) == {"ddpm.train", "ddpm.sample", "ddpm.schedule_plot"}
+    assert set(kinds) == {"ddpm.train", "ddpm.sample", "ddpm.schedule_plot", "sd.txt2img", "sd.img2img", "sd.sweep"}
     assert "max_steps" in kinds["ddpm.train"]["schema"]["properties"]
     assert "model" in kinds["ddpm.sample"]["schema"]["properties"]
     assert set(kinds["ddpm.train"]["presets"]) == {"tiny", "digits", "fashion-32", "book-64", "guide-128"}
