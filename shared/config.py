@@ -46,6 +46,8 @@ class Settings:
     # Redis only: an unacked message goes back to the queue after this long (kombu's
     # visibility_timeout). A job still holding its lease then is not run twice.
     visibility_timeout_s: int = 3600
+    # Stable Diffusion pipelines a worker keeps loaded between jobs (an LRU).
+    model_cache_size: int = 2
     # Test-only fault injection, e.g. "checkpoint.published@4=pause" (see worker/failpoints.py).
     failpoints: str = ""
     # Where the CLI's client commands (submit, status, wait, download) find the API.
@@ -92,6 +94,7 @@ class Settings:
             heartbeat_s=float(get("HEARTBEAT_S", defaults.heartbeat_s)),
             visibility_timeout_s=int(get("VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s)),
             failpoints=get("FAILPOINTS", defaults.failpoints),
+            model_cache_size=int(get("MODEL_CACHE_SIZE", defaults.model_cache_size)),
             upload_max_bytes=int(get("UPLOAD_MAX_BYTES", defaults.upload_max_bytes)),
             upload_max_files=int(get("UPLOAD_MAX_FILES", defaults.upload_max_files)),
             upload_max_uncompressed_bytes=int(
@@ -130,6 +133,7 @@ class Settings:
             "HEARTBEAT_S": str(self.heartbeat_s),
             "VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
             "FAILPOINTS": self.failpoints,
+            "MODEL_CACHE_SIZE": str(self.model_cache_size),
             "UPLOAD_MAX_BYTES": str(self.upload_max_bytes),
             "UPLOAD_MAX_FILES": str(self.upload_max_files),
             "UPLOAD_MAX_UNCOMPRESSED_BYTES": str(self.upload_max_uncompressed_bytes),

@@ -8,6 +8,7 @@ DIFFQUEUE_TEST_SERVICES=1 a missing service is an error, otherwise a skip.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -245,6 +246,7 @@ class InlineRunner:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self._executors: dict = {}  # one per settings: its pipeline cache stays warm, as in a worker
 
     def __call__(self, kind: str, params: dict, settings: Settings | None = None):
         from shared.db import session_scope
@@ -264,7 +266,9 @@ class InlineRunner:
         from worker.executor import Executor
 
         settings = settings or self.settings
-        Executor(settings, app=None).perform(job_id, "inline")
+        if settings not in self._executors:
+            self._executors[settings] = Executor(settings, app=None)
+        self._executors[settings].perform(job_id, "inline")
         with self._sessions(settings)() as session:
             job = session.get(Job, job_id)
             job.artifacts  # load before the session closes
@@ -296,4 +300,22 @@ def tiny_ddpm_dir(sqlite_settings):
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
     path = Path(sqlite_settings.models_dir) / "tiny-ddpm"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_template(tmp_path_factory) -> Path:
+    """The tiny SD pipeline folder, built once per test session."""
+    from bench.tiny_sd import build_sd_pipeline
+
+    return build_sd_pipeline(tmp_path_factory.mktemp("tiny-sd-build") / "tiny-sd")
+
+
+@pytest.fixture
+def tiny_sd_dir(sqlite_settings, tiny_sd_template) -> Path:
+    """A tiny random-weight StableDiffusionPipeline saved under MODELS_DIR as `tiny-sd`
+    (a copy of the session's build: a test may change its own), loaded later through
+    the real diffusers loading code. Use 32 px images: 16 px latents."""
+    path = Path(sqlite_settings.models_dir) / "tiny-sd"
+    shutil.copytree(tiny_sd_template, path)
     return path

@@ -225,3 +225,38 @@ def test_sigkilled_worker_resumes_training_from_its_checkpoint(prod_settings, st
     want = [float(line.split(",")[1]) for line in expected.split()[1:]]
     assert len(got) == 6
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_sd_jobs_through_the_worker(sqlite_settings, start_services, tiny_sd_dir):
+    """Each Stable Diffusion kind through real web and worker processes on the tiny
+    pipeline; the worker's second job finds the pipeline warm; cancel stops the loop."""
+    svc = start_services(sqlite_settings)
+    base = {"model": "tiny-sd", "steps": 3, "width": 32, "height": 32}
+
+    def run(kind: str, params: dict) -> dict:
+        resp = svc.api("POST", "/jobs", json={"kind": kind, "params": params})
+        assert resp.status_code == 202, resp.text
+        job = svc.wait_finished(resp.json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        return job
+
+    txt = run("sd.txt2img", {**base, "prompts": ["a rose", "a fox"], "num_images_per_prompt": 2})
+    assert txt["result"]["model_cache"] == "miss"
+    assert {"images/0000-00.png", "images/0001-01.png", "grid.png", "manifest.json"} <= {
+        a["name"] for a in txt["artifacts"]}
+    assert txt["progress"]["preview"]["name"].startswith("previews/")
+    sweep = run("sd.sweep", {**base, "prompt": "a rose", "guidance_scales": [0.5, 1.0, 7.5]})
+    assert sweep["result"]["model_cache"] == "hit" and sweep["result"]["cells"] == 3
+    img = run("sd.img2img", {**base, "init_image": f"job:{txt['id']}/images/0000-00.png", "prompts": ["a tulip"],
+                             "strength": 0.6})
+    image = Image.open(io.BytesIO(fetch(next(a["url"] for a in img["artifacts"] if a["name"] == "images/0000-00.png"))))
+    assert image.size == (32, 32) and img["result"]["model_cache"] == "hit"
+
+    # Cancel mid-loop: the job stops between denoising steps.
+    resp = svc.api("POST", "/jobs", json={"kind": "sd.txt2img", "params": {**base, "steps": 500, "prompts": ["a rose"]}})
+    job_id = resp.json()["id"]
+    svc.wait_for(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 3, what="denoising steps")
+    step_at_cancel = svc.api("POST", f"/jobs/{job_id}/cancel").json()["progress"]["step"]
+    job = svc.wait_finished(job_id, timeout_s=60)
+    assert job["status"] == "cancelled"
+    assert job["progress"]["step"] < 500 and job["progress"]["step"] - step_at_cancel <= 50

@@ -46,9 +46,12 @@ class JobContext:
         token: int,
         logger: logging.Logger,
         stopping: threading.Event | None = None,
+        pipelines=None,
     ):
         self.settings = settings
         self.stopping = stopping or threading.Event()
+        # The worker's warm Stable Diffusion pipelines (worker/sd.py PipelineCache).
+        self.pipelines = pipelines
         self.sessions = sessions
         self.storage = storage
         self.job_id = job_id
@@ -141,6 +144,17 @@ class JobContext:
     def download_artifact(self, name: str) -> Path:
         path = self.workdir / "in" / name
         self.storage.download(job_key(self.job_id, name), path)
+        return path
+
+    def fetch_job_artifact(self, ref: str) -> Path:
+        """`job:<id>/<name>`: another job's artifact, downloaded into this job's workdir."""
+        job_id, _, name = ref[len("job:"):].partition("/")
+        with self.sessions() as session:
+            found = session.scalar(select(Artifact.id).where(Artifact.job_id == job_id, Artifact.name == name))
+        if found is None:
+            raise ValueError(f"{ref}: job {job_id} has no artifact named {name!r}")
+        path = self.workdir / "in" / job_id / name
+        self.storage.download(job_key(job_id, name), path)
         return path
 
     def delete_artifact(self, name: str) -> None:

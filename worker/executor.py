@@ -23,6 +23,7 @@ from shared.specs import validate_params
 from shared.storage import make_storage
 from worker.context import JobContext
 from worker.runners import RUNNERS
+from worker.sd import PipelineCache
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Executor:
         engine.dispose()  # no pooled connection may cross a fork into pool children
         self.sessions = make_sessionmaker(engine)
         self.storage = make_storage(settings)
+        self.pipelines = PipelineCache(settings.model_cache_size)
         if settings.torch_threads:
             import torch
 
@@ -86,7 +88,7 @@ class Executor:
             kind, params = job.kind, job.params
         log.info("job %s (%s) claimed by %s, attempt %d", job_id, kind, worker_id, token)
 
-        ctx = JobContext(self.settings, self.sessions, self.storage, job_id, token, log, self.stopping)
+        ctx = JobContext(self.settings, self.sessions, self.storage, job_id, token, log, self.stopping, self.pipelines)
         heartbeat = Heartbeat(self.sessions, job_id, token, self.settings, ctx.lease_lost)
         status, result, error, tb = JobStatus.SUCCEEDED, None, None, None
         try:
