@@ -464,7 +464,8 @@ def find_upload(session: Session, ref: str, expected_kind: str) -> UploadInfo:
         raise UploadNotFound(f"{ref}: no such upload")
     if upload.kind != expected_kind:
         raise UploadNotFound(
-            f"{ref} is {ARTICLE.get(upload.kind, upload.kind)} upload, expected {ARTICLE.get(expected_kind, expected_kind)}"
+            f"{ref} is {ARTICLE.get(upload.kind, upload.kind)} upload, "
+            f"expected {ARTICLE.get(expected_kind, expected_kind)} upload"
         )
     return UploadInfo.from_row(upload)
 
@@ -511,7 +512,7 @@ def check_upload_refs(session: Session, spec_cls: type[BaseModel], params: dict)
                 reason = f"{ref} not found"
             elif upload.kind not in kinds:
                 expected = " or ".join(ARTICLE.get(k, k) for k in kinds)
-                reason = f"{ref} is {ARTICLE.get(upload.kind, upload.kind)} upload, expected {expected}"
+                reason = f"{ref} is {ARTICLE.get(upload.kind, upload.kind)} upload, expected {expected} upload"
             else:
                 continue
             raise SpecError(f"{name}: {reason}", {name: reason})

@@ -350,9 +350,9 @@ def test_check_upload_refs(sqlite_settings, sessions, tmp_path):
     check(dataset=f"upload:{dataset}", init_images=[f"upload:{image}", f"upload:{image}"])
     for params, field, reason in [
         ({"dataset": f"upload:{missing}"}, "dataset", f"upload:{missing} not found"),
-        ({"dataset": f"upload:{image}"}, "dataset", f"upload:{image} is an image upload, expected a dataset"),
+        ({"dataset": f"upload:{image}"}, "dataset", f"upload:{image} is an image upload, expected a dataset upload"),
         ({"init_images": [f"upload:{image}", f"upload:{dataset}"]}, "init_images",
-         f"upload:{dataset} is a dataset upload, expected an image"),
+         f"upload:{dataset} is a dataset upload, expected an image upload"),
         ({"dataset": "upload:xyz"}, "dataset", "'upload:xyz' is not an upload reference: expected upload:<32 hex digits>"),
     ]:
         with pytest.raises(SpecError) as info:
@@ -387,7 +387,7 @@ def test_fetch_upload_round_trip(any_settings, tmp_path):
         with zipfile.ZipFile(path) as zf:  # what the worker's loader does with it
             assert dataset_members(zf, any_settings)[1] == ["cat", "dog", "zebra"]
 
-        with pytest.raises(UploadNotFound, match=f"upload:{image.id} is an image upload, expected a dataset"):
+        with pytest.raises(UploadNotFound, match=f"upload:{image.id} is an image upload, expected a dataset upload"):
             ctx.fetch_upload(f"upload:{image.id}", "dataset")
         with pytest.raises(UploadNotFound, match=f"upload:{'e' * 32}: no such upload"):
             ctx.fetch_upload(f"upload:{'e' * 32}", "dataset")

@@ -75,10 +75,10 @@ def test_upload_refs_of_the_wrong_kind_are_refused(client):
 
     resp = post_job(client, "sd.txt2img", {"prompts_upload": image})
     assert resp.status_code == 400
-    assert resp.get_json()["fields"]["prompts_upload"] == f"{image} is an image upload, expected a prompts"
+    assert resp.get_json()["fields"]["prompts_upload"] == f"{image} is an image upload, expected a prompts upload"
     resp = post_job(client, "sd.img2img", {"prompts": ["a rose"], "init_image": prompts})
     assert resp.status_code == 400
-    assert resp.get_json()["fields"]["init_image"] == f"{prompts} is a prompts upload, expected an image"
+    assert resp.get_json()["fields"]["init_image"] == f"{prompts} is a prompts upload, expected an image upload"
     assert total_jobs(client) == 0
 
     resp = post_job(client, "sd.img2img", {"prompts_upload": prompts, "init_image": image})

@@ -203,7 +203,7 @@ def test_job_with_an_upload_ref(client, upload_kind):
     missing = "upload:" + "a" * 32
 
     for ref, reason in [(missing, f"{missing} not found"),
-                        (image, f"{image} is an image upload, expected a dataset")]:
+                        (image, f"{image} is an image upload, expected a dataset upload")]:
         resp = client.post("/api/v1/jobs", json={"kind": upload_kind, "params": {"dataset": ref}})
         assert resp.status_code == 400
         body = resp.get_json()
@@ -222,7 +222,7 @@ def test_form_submit_with_a_bad_upload_ref(client, upload_kind):
     image = upload(client, png_bytes(), "i.png")["ref"]
     resp = client.post(f"/submit/{upload_kind}", data={"dataset": image, "priority": "0"})
     assert resp.status_code == 400
-    assert f"{image} is an image upload, expected a dataset" in resp.get_data(as_text=True)
+    assert f"{image} is an image upload, expected a dataset upload" in resp.get_data(as_text=True)
     assert client.get("/api/v1/jobs").get_json()["total"] == 0
 
 
