@@ -34,6 +34,7 @@ from diffusers import (
 from PIL import Image
 
 from shared.errors import ModelNotFound
+from shared.uploads import read_prompts
 from worker import hub
 
 SCHEDULERS = {
@@ -247,15 +248,18 @@ def preview_image(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> Image
 
 
 @torch.no_grad()
-def encode_image(pipe: StableDiffusionPipeline, image: Image.Image, seed: int) -> torch.Tensor:
-    """An RGB image to scaled VAE latents (1, C, h, w), sampled with the row's seed."""
+def encode_image(pipe: StableDiffusionPipeline, image: Image.Image):
+    """An RGB image through the VAE encoder, once: its latent distribution."""
     import numpy as np
 
     x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-    dist = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist
-    sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(
-        dist.mean.device, dist.mean.dtype)
-    return sample * pipe.vae.config.scaling_factor
+    return pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist
+
+
+def sample_latents(pipe: StableDiffusionPipeline, dist, seed: int) -> torch.Tensor:
+    """Scaled init latents (1, C, h, w) drawn from `dist` with the row's own seed."""
+    noise = torch.randn(dist.mean.shape, generator=torch.Generator("cpu").manual_seed(seed))
+    return (dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)) * pipe.vae.config.scaling_factor
 
 
 def chunks(rows: list, size: int) -> list[list]:
@@ -280,8 +284,6 @@ def get_pipeline(spec, ctx):
 def prompt_table(spec, ctx) -> list[dict]:
     """The job's prompts as [{"prompt", "negative_prompt", "seed"}], from `prompts` or a
     prompts file. Seeds: a file's own seed column, else `seed + i * num_images_per_prompt`."""
-    from shared.uploads import read_prompts
-
     if spec.prompts is not None:
         table = [{"prompt": p} for p in spec.prompts]
     else:
@@ -312,10 +314,9 @@ def render(ctx, pipe, spec, rows: list[Row], cond, uncond, size: tuple[int, int]
     """Run every row: grouped by steps, `spec.batch_size` rows per UNet batch, with
     per-step progress and cancel, and a preview of the first row every
     `preview_every` steps. Returns the images in row order."""
-    order = sorted(range(len(rows)), key=lambda i: rows[i].steps)
     batches = []
     for steps in sorted({r.steps for r in rows}):
-        batches += chunks([i for i in order if rows[i].steps == steps], spec.batch_size)
+        batches += chunks([i for i, r in enumerate(rows) if r.steps == steps], spec.batch_size)
 
     def run_steps(steps: int) -> int:
         """Denoising steps the loop will take (PNDM takes one more; img2img fewer)."""
@@ -326,7 +327,8 @@ def render(ctx, pipe, spec, rows: list[Row], cond, uncond, size: tuple[int, int]
             n -= (steps - min(int(steps * strength), steps)) * scheduler.order
         return n
 
-    total = sum(run_steps(rows[b[0]].steps) for b in batches)
+    lengths = {steps: run_steps(steps) for steps in {r.steps for r in rows}}
+    total = sum(lengths[rows[b[0]].steps] for b in batches)
     preview_every = spec.preview_every or max(1, rows[0].steps // 8)
     images: list[Image.Image | None] = [None] * len(rows)
     done = 0
@@ -346,7 +348,7 @@ def render(ctx, pipe, spec, rows: list[Row], cond, uncond, size: tuple[int, int]
                           strength, on_step)
         for i, image in zip(batch, decode(pipe, latents, spec.batch_size)):
             images[i] = image
-        done += run_steps(rows[batch[0]].steps)
+        done += lengths[rows[batch[0]].steps]
     return images
 
 

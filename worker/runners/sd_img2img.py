@@ -33,6 +33,7 @@ def run(spec: SDImg2ImgSpec, ctx: JobContext) -> dict:
     init = load_init_image(spec, ctx)
     pipe, cache_hit = sd.get_pipeline(spec, ctx)
     cond, uncond, warnings = sd.encode_table(pipe, table)
+    init_dist = sd.encode_image(pipe, init)  # the VAE encoder once; each row samples with its seed
 
     # 2. One row per image: the init image encoded with the row's own seed.
     rows, records = [], []
@@ -40,7 +41,7 @@ def run(spec: SDImg2ImgSpec, ctx: JobContext) -> dict:
         for j in range(spec.num_images_per_prompt):
             seed = row["seed"] + j
             rows.append(sd.Row(cond=i, uncond=i, guidance=spec.guidance_scale, seed=seed, steps=spec.steps,
-                               init_latents=sd.encode_image(pipe, init, seed)))
+                               init_latents=sd.sample_latents(pipe, init_dist, seed)))
             records.append({
                 "name": f"images/{i:04d}-{j:02d}.png", "prompt_index": i, "image_index": j,
                 "prompt": row["prompt"], "negative_prompt": row["negative_prompt"], "seed": seed,
