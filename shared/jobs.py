@@ -130,6 +130,14 @@ def retry(session: Session, job_id: str) -> Job:
     return job
 
 
+def retry_and_publish(factory: sessionmaker[Session], producer: Celery, job_id: str) -> None:
+    """`retry`, committed, then published: the row first, as in `submit`."""
+    with factory() as session:
+        job = retry(session, job_id)
+        session.commit()
+    publish(factory, producer, job)
+
+
 # ------------------------------------------------------------------ worker side
 def claim(session: Session, job_id: str, worker: str, lease_s: float) -> int | None:
     """Atomically move a job to running under a lease of `lease_s` seconds.

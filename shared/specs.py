@@ -705,19 +705,28 @@ class Kind:
     title: str
     presets: dict[str, dict[str, Any]] | None = None
     preset_help: dict[str, str] | None = None
+    # The params most jobs set, in the order a form shows them; the rest are "more settings".
+    main_fields: tuple[str, ...] = ()
 
 
+SD_MAIN_FIELDS = ("model", "negative_prompt", "num_images_per_prompt", "guidance_scale", "steps", "width", "height",
+                  "seed")
 KINDS: dict[str, Kind] = {
     k.name: k
     for k in [
-        Kind("ddpm.train", DDPMTrainSpec, "gpu", "Train a DDPM", DDPM_PRESETS, DDPM_PRESET_HELP),
-        Kind("ddpm.sample", DDPMSampleSpec, "gpu", "Sample from a DDPM"),
+        Kind("ddpm.train", DDPMTrainSpec, "gpu", "Train a DDPM", DDPM_PRESETS, DDPM_PRESET_HELP,
+             ("preset", "dataset", "image_size", "class_conditional", "max_steps", "epochs", "batch_size",
+              "learning_rate", "mixed_precision", "checkpoint_every", "sample_every", "seed")),
+        Kind("ddpm.sample", DDPMSampleSpec, "gpu", "Sample from a DDPM",
+             main_fields=("model", "num_images", "steps", "scheduler", "class_label", "seed", "preview_every")),
         Kind("ddpm.schedule_plot", DDPMSchedulePlotSpec, "cpu", "Plot noise schedules"),
         Kind("sd.txt2img", SDTxt2ImgSpec, "gpu", "Stable Diffusion: text to image", SD_TXT2IMG_PRESETS,
-             SD_TXT2IMG_PRESET_HELP),
-        Kind("sd.img2img", SDImg2ImgSpec, "gpu", "Stable Diffusion: image to image"),
+             SD_TXT2IMG_PRESET_HELP, ("preset", "prompts", "prompts_upload", *SD_MAIN_FIELDS)),
+        Kind("sd.img2img", SDImg2ImgSpec, "gpu", "Stable Diffusion: image to image",
+             main_fields=("init_image", "strength", "prompts", "prompts_upload", *SD_MAIN_FIELDS)),
         Kind("sd.sweep", SDSweepSpec, "gpu", "Stable Diffusion: guidance sweep", SD_SWEEP_PRESETS,
-             SD_SWEEP_PRESET_HELP),
+             SD_SWEEP_PRESET_HELP, ("preset", "prompt", "guidance_scales", "seeds", "steps_list", "model",
+                                    "negative_prompt", "steps", "width", "height")),
     ]
 }
 
@@ -791,6 +800,8 @@ def kinds_schema() -> list[dict[str, Any]]:
             "queue": kind.queue,
             "description": (kind.spec.__doc__ or "").strip(),
             "schema": kind.spec.model_json_schema(),
+            # A form shows these first; the others can wait behind "more settings". Empty: all are main.
+            "main_fields": list(kind.main_fields),
         }
         if kind.presets:
             # Preset-filled fields have no static default; show the default preset's.

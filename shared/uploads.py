@@ -415,11 +415,16 @@ def inspect_upload(filename: str, path: Path, settings: Settings) -> tuple[str, 
 
 # ------------------------------------------------------------------ rows
 def save_upload(
-    sessions: sessionmaker[Session], storage: Storage, settings: Settings, filename: str, path: Path
+    sessions: sessionmaker[Session], storage: Storage, settings: Settings, filename: str, path: Path,
+    expect_kinds: tuple[str, ...] | None = None,
 ) -> Upload:
     """Inspect, store the bytes under `upload_key(id)`, then insert the row. If any
-    step fails, nothing is left behind: no object in storage and no row."""
+    step fails, nothing is left behind: no object in storage and no row. With
+    `expect_kinds`, a file of another kind is refused before anything is stored."""
     kind, content_type, meta = inspect_upload(filename, path, settings)
+    if expect_kinds and kind not in expect_kinds:
+        expected = " or ".join(ARTICLE.get(k, k) for k in expect_kinds)
+        raise upload_error(f"{filename!r} is {ARTICLE.get(kind, kind)} upload, expected {expected} upload")
     size, sha256 = file_digest(path)
     upload_id = new_id()
     try:
@@ -487,7 +492,7 @@ def download_upload(storage: Storage, info: UploadInfo, dest_dir: Path) -> Path:
     return path
 
 
-def _upload_kinds(field) -> tuple[str, ...]:
+def field_upload_kinds(field) -> tuple[str, ...]:
     extra = field.json_schema_extra
     if not isinstance(extra, dict) or "upload_kind" not in extra:
         return ()
@@ -500,7 +505,7 @@ def check_upload_refs(session: Session, spec_cls: type[BaseModel], params: dict)
     check that an `upload:<id>` value names an existing upload of that kind. Other
     values (`digits`, `hf:...`) are left to the spec. Raises SpecError naming the field."""
     for name, field in spec_cls.model_fields.items():
-        kinds = _upload_kinds(field)
+        kinds = field_upload_kinds(field)
         value = params.get(name) if kinds else None
         for ref in value if isinstance(value, list) else [value]:
             if not isinstance(ref, str) or not ref.startswith(REF_PREFIX):

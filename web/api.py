@@ -147,10 +147,7 @@ def cancel_job(job_id: str):
 @bp.post("/jobs/<job_id>/retry")
 def retry_job(job_id: str):
     svc = services()
-    with svc.sessions() as session:
-        job = jobs.retry(session, job_id)
-        session.commit()
-    jobs.publish(svc.sessions, svc.producer, job)
+    jobs.retry_and_publish(svc.sessions, svc.producer, job_id)
     with svc.sessions() as session:
         return jsonify(job_json(jobs.get_job(session, job_id))), 202
 

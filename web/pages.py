@@ -1,115 +1,82 @@
-"""HTML pages: a submit form generated from each kind's schema, the job list and a job page.
-
-The pages poll the JSON API; the full web UI grows from here.
+"""HTML pages: submit forms generated from each kind's schema, the jobs list, a job's
+page, and the models page. The list and the job page poll the JSON API and update
+themselves (web/static/app.js); every form posts with a CSRF token.
 """
 from __future__ import annotations
 
-import json
+from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
-from flask import Blueprint, redirect, render_template, request, url_for
-
-from shared import jobs
+from shared import jobs, model_catalog, uploads
 from shared.errors import SpecError
-from shared.specs import KINDS, kinds_schema, validate_priority
-from web import services
-from web.api import healthz
+from shared.specs import KINDS, kinds_schema, validate_params, validate_priority
+from web import forms, services
+from web.api import MULTIPART_SLACK, STATUSES, healthz, job_json
 
 bp = Blueprint("pages", __name__)
 
-
-def form_fields(schema: dict) -> list[dict]:
-    """Flatten a pydantic JSON schema into form field descriptions."""
-    fields = []
-    required = set(schema.get("required", []))
-    # A preset comes first: choosing it fills in the fields below.
-    for name, prop in sorted(schema["properties"].items(), key=lambda item: item[0] != "preset"):
-        options = prop.get("anyOf", [prop])
-        types = {o.get("type") for o in options}
-        enum = next((o["enum"] for o in options if "enum" in o), None)
-        if "const" in prop:
-            enum = [prop["const"]]
-        # Objects and lists of objects (ddpm.sample's guidance, ddpm.schedule_plot's schedules) are typed as JSON.
-        nested = any("$ref" in o or "$ref" in o.get("items", {}) for o in options)
-        item_type = next((o.get("items", {}).get("type") for o in options if o.get("type") == "array"), None)
-        # Lists of numbers are typed comma-separated; lists of strings (prompts) one a line.
-        widget = "json" if nested else "select" if enum else "checkbox" if "boolean" in types else (
-            "lines" if item_type == "string" else "list" if "array" in types
-            else "number" if types & {"integer", "number"} else "text")
-        fields.append({
-            "name": name,
-            "label": prop.get("title", name),
-            "help": prop.get("description", ""),
-            "widget": widget,
-            "options": enum or [],
-            "default": prop.get("default"),
-            "required": name in required,
-            "step": "any" if "number" in types else "1",
-            "item_type": item_type,
-            "also_string": "string" in types,
-        })
-    return fields
+JOBS_PER_PAGE = 50
+# The kind whose form "sample from this model" opens, by the model's pipeline class.
+SAMPLE_KIND = {"DDPMPipeline": "ddpm.sample"}
+DEFAULT_SAMPLE_KIND = "sd.txt2img"
 
 
-def parse_form(kind: str, form) -> dict:
-    """Form strings to JSON params, typed by the schema; empty fields take defaults."""
-    schema = KINDS[kind].spec.model_json_schema()
-    params = {}
-    for f in form_fields(schema):
-        raw = form.get(f["name"], "").strip()
-        if f["widget"] == "checkbox":
-            params[f["name"]] = f["name"] in form
-            continue
-        if raw == "":
-            continue
-        if f["widget"] == "json":
-            try:
-                params[f["name"]] = json.loads(raw)
-            except ValueError:
-                params[f["name"]] = raw  # the spec names the field and the expected type
-        elif f["widget"] == "lines":
-            lines = [line.strip() for line in raw.splitlines() if line.strip()]
-            # One line in a field that also takes a plain string (negative_prompt) is that string.
-            params[f["name"]] = lines[0] if f["also_string"] and len(lines) == 1 else lines
-        elif f["widget"] == "list" or (f["widget"] == "number" and "," in raw):
-            to_number = float if f["item_type"] == "number" else int
-            try:
-                params[f["name"]] = [to_number(x) for x in raw.replace(",", " ").split()]
-            except ValueError:
-                params[f["name"]] = raw
-        elif f["widget"] == "number":
-            try:
-                params[f["name"]] = float(raw) if f["step"] == "any" else int(raw)
-            except ValueError:
-                params[f["name"]] = raw  # the spec names the field and the expected type
-        else:
-            params[f["name"]] = raw
-    return params
+def sample_kind(pipeline: str | None) -> str:
+    return SAMPLE_KIND.get(pipeline or "", DEFAULT_SAMPLE_KIND)
 
 
-def render_submit(kind: str, values: dict | None = None, errors: dict | None = None, status: int = 200):
+def _suggestions(svc, fields: list[dict]) -> dict[str, list[dict]]:
+    """Values offered beside a field: the models for `model`, recent uploads for upload fields."""
+    out: dict[str, list[dict]] = {}
+    names = {f["name"]: f for f in fields}
+    with svc.sessions() as session:
+        if "model" in names:
+            models = model_catalog.list_local_models(svc.settings.models_dir) + model_catalog.list_job_models(session)
+            out["model"] = [{"value": m["ref"], "label": f"{m['name']} ({m['pipeline']})"} for m in models]
+        for f in fields:
+            if f["upload_kind"]:
+                rows, _ = uploads.list_uploads(session, f["upload_kind"], limit=20)
+                out[f["name"]] = [{"value": uploads.upload_ref(u.id), "label": u.filename} for u in rows]
+    return out
+
+
+def render_submit(kind: str, values: dict | None = None, errors: dict | None = None, status: int = 200,
+                  files_dropped: bool = False):
     entry = next(k for k in kinds_schema() if k["kind"] == kind)
     values = values or {}
     # A nested field's error ("guidance.color") shows by its form field ("guidance").
+    fields = forms.form_fields(entry["schema"])
+    field_names = {f["name"] for f in fields} | {"priority"}
     by_field: dict[str, str] = {}
+    general: list[str] = []
     for path, message in (errors or {}).items():
         field, _, rest = path.partition(".")
-        by_field.setdefault(field, f"{rest}: {message}" if rest else message)
+        if field in field_names:
+            by_field.setdefault(field, f"{rest}: {message}" if rest else message)
+        else:
+            general.append(f"{path}: {message}" if path != "params" else message)
+    order = {name: i for i, name in enumerate(entry["main_fields"])}
+    main = sorted((f for f in fields if not order or f["name"] in order), key=lambda f: order.get(f["name"], 0))
+    more = [f for f in fields if order and f["name"] not in order]
     if "preset" in values and entry.get("presets"):
         values = {**entry["presets"].get(values["preset"], {}).get("params", {}), **values}
     return render_template(
         "submit.html",
-        kinds=list(KINDS),
         kind=entry,
-        fields=form_fields(entry["schema"]),
+        main_fields=main,
+        more_fields=more,
+        more_open=any(f["name"] in by_field for f in more),
         values=values,
         errors=by_field,
-        presets_json=json.dumps(entry.get("presets", {})),
+        general_errors=general,
+        files_dropped=files_dropped,
+        suggestions=_suggestions(services(), fields),
+        presets=entry.get("presets", {}),
     ), status
 
 
 @bp.get("/")
 def index():
-    return redirect(url_for("pages.submit", kind="ddpm.train"))
+    return redirect(url_for("pages.submit_index"))
 
 
 @bp.get("/healthz")
@@ -117,35 +84,105 @@ def root_healthz():
     return healthz()
 
 
+@bp.get("/submit")
+def submit_index():
+    return render_template("submit_index.html", kinds=kinds_schema())
+
+
 @bp.route("/submit/<kind>", methods=["GET", "POST"])
 def submit(kind: str):
     if kind not in KINDS:
         return render_template("error.html", code=404, message=f"unknown job kind {kind!r}"), 404
-    if request.method == "GET":
-        return render_submit(kind, dict(request.args))
-    params = parse_form(kind, request.form)
-    raw_priority = request.form.get("priority", "").strip() or "0"
     svc = services()
+    if request.method == "GET":
+        values = {}
+        if "from" in request.args:  # "submit again with changes": the job's params, pre-filled
+            with svc.sessions() as session:
+                source = jobs.get_job(session, request.args["from"])
+                if source.kind != kind:
+                    return redirect(url_for("pages.submit", kind=source.kind, **request.args))
+                values = {**source.params, "priority": source.priority}
+        values.update((k, v) for k, v in request.args.items() if k != "from")
+        return render_submit(kind, values)
+
+    request.max_content_length = svc.settings.upload_max_bytes + MULTIPART_SLACK  # the form carries uploads
+    params = forms.parse_form(kind, request.form)
+    chosen = forms.chosen_files(kind, request.files)
+    raw_priority = request.form.get("priority", "").strip() or "0"
+    refs: dict[str, str] = {}
     try:
         try:
             priority = int(raw_priority)
         except ValueError:
             priority = raw_priority  # not a number: validate_priority names the field
-        job = jobs.submit(svc.sessions, svc.producer, kind, params, validate_priority(priority))
+        validate_priority(priority)
+        # Check everything else before storing a file: a refused form creates nothing.
+        validate_params(kind, {**params, **{name: forms.PENDING_UPLOAD for name in chosen}})
+        with svc.sessions() as session:
+            uploads.check_upload_refs(session, KINDS[kind].spec, {k: v for k, v in params.items() if k not in chosen})
+        refs = forms.save_files(svc, kind, chosen)
+        job = jobs.submit(svc.sessions, svc.producer, kind, {**params, **refs}, priority)
     except SpecError as exc:
-        return render_submit(kind, dict(request.form), exc.fields, status=400)
+        values = {**request.form.to_dict(), **refs}  # a stored file need not be chosen again
+        return render_submit(kind, values, exc.fields or {"params": str(exc)}, status=400,
+                             files_dropped=bool(set(chosen) - set(refs)))
     return redirect(url_for("pages.job_page", job_id=job.id))
 
 
 @bp.get("/jobs")
 def jobs_page():
+    status, kind = request.args.get("status") or None, request.args.get("kind") or None
+    status = status if status in STATUSES else None
+    kind = kind if kind in KINDS else None
+    try:
+        offset = max(0, int(request.args.get("offset", 0)))
+    except ValueError:
+        offset = 0
     with services().sessions() as session:
-        rows, total = jobs.list_jobs(session, request.args.get("status"), request.args.get("kind"), 100)
-        return render_template("jobs.html", jobs=rows, total=total)
+        rows, total = jobs.list_jobs(session, status, kind, JOBS_PER_PAGE, offset)
+        initial = [job_json(j, with_artifacts=False) for j in rows]
+    return render_template(
+        "jobs.html", jobs=initial, total=total, status=status, kind=kind, statuses=STATUSES, kinds=list(KINDS),
+        offset=offset, limit=JOBS_PER_PAGE,
+    )
 
 
 @bp.get("/jobs/<job_id>")
 def job_page(job_id: str):
     with services().sessions() as session:
-        job = jobs.get_job(session, job_id)
-        return render_template("job.html", job=job, params_json=json.dumps(job.params, indent=2))
+        job = job_json(jobs.get_job(session, job_id))
+    return render_template("job.html", job=job, sample_kind=SAMPLE_KIND["DDPMPipeline"])
+
+
+def _after_action(job):
+    """Scripts get the job as JSON; a plain form post goes back to where it came from."""
+    if request.accept_mimetypes.best == "application/json":
+        return jsonify(job_json(job)), 202
+    return redirect(request.referrer or url_for("pages.job_page", job_id=job.id))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    with services().sessions() as session:
+        job = jobs.cancel(session, job_id)
+        session.commit()
+        return _after_action(job)
+
+
+@bp.post("/jobs/<job_id>/retry")
+def retry_job(job_id: str):
+    svc = services()
+    jobs.retry_and_publish(svc.sessions, svc.producer, job_id)
+    with svc.sessions() as session:
+        return _after_action(jobs.get_job(session, job_id))
+
+
+@bp.get("/models")
+def models_page():
+    svc = services()
+    local = model_catalog.list_local_models(svc.settings.models_dir)
+    with svc.sessions() as session:
+        from_jobs = model_catalog.list_job_models(session)
+    models = [{**m, "sample_kind": sample_kind(m["pipeline"])} for m in local + from_jobs]
+    return render_template("models.html", models=models, models_dir=svc.settings.models_dir)
+

@@ -134,7 +134,7 @@ def test_sd_form_takes_prompts_one_a_line(client):
 
 def test_sd_sweep_form_sent_back_unchanged_is_the_default(client):
     html = client.get("/submit/sd.sweep").get_data(as_text=True)
-    shown = re.search(r'id="f-guidance_scales" name="guidance_scales" value="([^"]*)"', html).group(1)
+    shown = re.search(r'name="guidance_scales"[^>]*\svalue="([^"]*)"', html).group(1)
     resp = client.post("/submit/sd.sweep", data={"prompt": "a rose", "guidance_scales": unescape(shown),
                                                  "seeds": "193, 7"})
     assert resp.status_code == 302, resp.get_data(as_text=True)
