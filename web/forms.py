@@ -35,6 +35,9 @@ def form_fields(schema: dict) -> list[dict]:
         nested = any("$ref" in o or "$ref" in o.get("items", {}) for o in options)
         item_type = next((o.get("items", {}).get("type") for o in options if o.get("type") == "array"), None)
         # Lists of numbers are typed comma-separated; lists of strings (prompts) one a line.
+        nullable = "null" in types
+        if "boolean" in types and nullable:
+            enum = [True, False]  # a checkbox cannot say "unset" (auto): a select with an empty choice can
         widget = "json" if nested else "select" if enum else "checkbox" if "boolean" in types else (
             "lines" if item_type == "string" else "list" if "array" in types
             else "number" if types & {"integer", "number"} else "text")
@@ -46,7 +49,7 @@ def form_fields(schema: dict) -> list[dict]:
             "widget": widget,
             "options": enum or [],
             # A select whose field may be empty offers an empty choice ("the default").
-            "nullable": "null" in types,
+            "nullable": nullable,
             "default": prop.get("default"),
             "required": name in required,
             "step": "any" if "number" in types else "1",
@@ -84,6 +87,8 @@ def parse_form(kind: str, form) -> dict:
                 params[f["name"]] = [to_number(x) for x in raw.replace(",", " ").split()]
             except ValueError:
                 params[f["name"]] = raw
+        elif f["widget"] == "select" and isinstance(f["options"][0], bool):
+            params[f["name"]] = {"True": True, "False": False}.get(raw, raw)
         elif f["widget"] == "select" and isinstance(f["options"][0], int):
             params[f["name"]] = int(raw) if raw.lstrip("-").isdigit() else raw  # Literal[1, 3]
         elif f["widget"] == "number":

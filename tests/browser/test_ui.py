@@ -53,8 +53,11 @@ def test_train_from_the_form_and_watch_it_run(ui, page, screenshots):
     # 1. From the submit page, choose ddpm.train, pick the tiny preset, submit.
     page.goto(ui.url + "/")
     page.get_by_role("link", name="ddpm.train", exact=True).click()
+    # Choosing a preset fills in its values.
+    page.select_option("#f-preset", "digits")
+    assert (page.input_value("#f-max_steps"), page.is_checked("#f-use_ema")) == ("700", True)
     page.select_option("#f-preset", "tiny")
-    assert page.input_value("#f-max_steps") == "300"  # the preset filled in its values
+    assert (page.input_value("#f-max_steps"), page.is_checked("#f-use_ema")) == ("300", False)
     page.fill("#f-max_steps", str(TRAIN_STEPS))
     page.fill("#f-sample_every", "30")
     page.get_by_role("button", name="Submit job").click()
@@ -140,6 +143,22 @@ def test_cancel_a_running_job_from_the_list(ui, page, screenshots):
     assert ui.api("GET", f"/jobs/{job['id']}").json()["status"] == "cancelled"
     assert_same_document(page)
     page.screenshot(path=screenshots / "jobs-cancelled.png", full_page=True)
+
+
+def test_a_failed_job_shows_its_error_and_retries_from_its_page(ui, page):
+    job = ui.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": {"model": "no-such-model"}}).json()
+    page.goto(f"{ui.url}/jobs/{job['id']}")
+    mark_document(page)
+    wait_status(page, "#status", "failed", timeout_s=60)
+    error = ui.api("GET", f"/jobs/{job['id']}").json()["error"]
+    assert "no-such-model" in error
+    assert page.is_visible("#error-box") and page.text_content("#error") == error
+    assert page.is_visible("#retry") and page.is_hidden("#cancel")
+
+    page.click("#retry")  # runs again, and fails again: the page follows it with no reload
+    page.wait_for_function("document.getElementById('attempt').textContent === '2'", timeout=60_000)
+    wait_status(page, "#status", "failed", timeout_s=60)
+    assert_same_document(page)
 
 
 def test_invalid_value_shows_the_field_error_and_keeps_the_input(ui, page, screenshots):

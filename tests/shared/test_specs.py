@@ -177,3 +177,14 @@ def test_kinds_schema():
     assert sprops["num_images"]["default"] == 8
     assert sprops["scheduler"]["default"] == "ddim"
     assert "presets" not in sample
+
+
+def test_main_fields_name_real_params_once():
+    from shared.specs import KINDS, kinds_schema
+
+    for kind in KINDS.values():
+        assert set(kind.main_fields) <= set(kind.spec.model_fields), kind.name
+        assert len(set(kind.main_fields)) == len(kind.main_fields), kind.name
+        if kind.presets:
+            assert kind.main_fields[0] == "preset", kind.name  # choosing one fills in the rest
+    assert {k["kind"]: k["main_fields"] for k in kinds_schema()}["ddpm.sample"][0] == "model"

@@ -4,11 +4,15 @@ page and the cancel/retry buttons. tests/browser/ drives the same pages in Chrom
 """
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import replace
+from html.parser import HTMLParser
 
 import pytest
 
+from shared.specs import KINDS, validate_params
+from tests.upload_files import class_zip, png_bytes
 from tests.web.test_api import submit, total_jobs
 
 
@@ -139,3 +143,230 @@ def test_submit_form_bad_priority_is_a_field_error(client, priority):
     block = field_block(resp.get_data(as_text=True), "priority")
     assert "must be in [0, 9]" in block
     assert client.get("/api/v1/jobs").get_json()["total"] == before
+
+
+# ------------------------------------------------------------------ every kind's form
+class FormValues(HTMLParser):
+    """The values a browser would post for #submit-form untouched."""
+
+    def __init__(self):
+        super().__init__()
+        self.values: dict[str, str] = {}
+        self._field: tuple[str, str] | None = None  # (tag, name) whose text is being read
+        self._select: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        name = a.get("name")
+        if tag == "input" and name and a.get("type") not in ("file",):
+            if a.get("type") == "checkbox":
+                if "checked" in a:
+                    self.values[name] = "on"
+            else:
+                self.values[name] = a.get("value", "")
+        elif tag == "textarea" and name:
+            self._field = ("textarea", name)
+            self.values[name] = ""
+        elif tag == "select" and name:
+            self._select = name
+        elif tag == "option" and self._select and ("selected" in a or self._select not in self.values):
+            self.values[self._select] = a.get("value", "")
+
+    def handle_data(self, data):
+        if self._field:
+            self.values[self._field[1]] += data
+
+    def handle_endtag(self, tag):
+        if tag == "textarea":
+            self._field = None
+        if tag == "select":
+            self._select = None
+
+
+def form_values(html: str) -> dict[str, str]:
+    parser = FormValues()
+    parser.feed(html[html.index('id="submit-form"'):])
+    return parser.values
+
+
+# What the user must type into a kind's form before it can be sent, as typed and as params.
+REQUIRED_INPUT = {
+    "ddpm.sample": ({"model": "my-model"}, {"model": "my-model"}),
+    "sd.txt2img": ({"prompts": "a red fox"}, {"prompts": ["a red fox"]}),
+    "sd.img2img": ({"init_image": "upload:" + "a" * 32, "prompts": "a red fox"}, {"prompts": ["a red fox"]}),
+    "sd.sweep": ({"prompt": "a red fox"}, {"prompt": "a red fox"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_form_sent_back_unchanged_gives_the_default_params(client, kind):
+    typed, params = REQUIRED_INPUT.get(kind, ({}, {}))
+    values = {**form_values(client.get(f"/submit/{kind}").get_data(as_text=True)), **typed}
+    values.pop("csrf_token", None)
+    resp = client.post(f"/submit/{kind}", data=values)
+    if kind == "sd.img2img":  # the init image must be a real upload: refused by name, nothing made
+        assert resp.status_code == 400 and "upload:aaaa" in field_block(resp.get_data(as_text=True), "init_image")
+        values["init_image"] = params["init_image"] = upload_png(client)
+        resp = client.post(f"/submit/{kind}", data=values)
+    assert resp.status_code == 302, resp.get_data(as_text=True)[:3000]
+    job = client.get("/api/v1/jobs/" + resp.headers["Location"].rsplit("/", 1)[1]).get_json()
+    assert job["params"] == validate_params(kind, params).model_dump(mode="json")
+
+
+def upload_png(client) -> str:
+    resp = client.post("/api/v1/uploads", data={"file": (io.BytesIO(png_bytes(16, 16)), "init.png")},
+                       content_type="multipart/form-data")
+    assert resp.status_code == 201
+    return resp.get_json()["ref"]
+
+
+def test_main_fields_come_first_and_the_rest_wait_behind_more_settings(client):
+    html = client.get("/submit/ddpm.train").get_data(as_text=True)
+    more = html.index('id="more-settings"')
+    assert html.index('id="f-preset"') < html.index('id="f-max_steps"') < more < html.index('id="f-adam_beta1"')
+    assert re.search(r'id="more-settings"\s*>', html)  # closed
+
+    # An error in one of the more settings opens them.
+    resp = client.post("/submit/ddpm.train", data={"adam_beta1": "2"})
+    assert resp.status_code == 400
+    html = resp.get_data(as_text=True)
+    assert re.search(r'id="more-settings"\s*open', html)
+    assert "less than 1" in field_block(html, "adam_beta1")
+
+
+def test_a_select_of_numbers_posts_a_number(client):
+    resp = client.post("/submit/ddpm.train", data={"preset": "tiny", "channels": "1"})
+    assert resp.status_code == 302, resp.get_data(as_text=True)
+    job = client.get("/api/v1/jobs/" + resp.headers["Location"].rsplit("/", 1)[1]).get_json()
+    assert job["params"]["channels"] == 1
+
+
+# ------------------------------------------------------------------ pre-filled forms
+def test_submit_again_with_changes_prefills_the_jobs_params(client):
+    job = submit(client, {"preset": "tiny", "max_steps": 17, "learning_rate": 0.003, "block_out_channels": [16, 32]},
+                 priority=6)
+    html = client.get(f"/submit/ddpm.train?from={job['id']}").get_data(as_text=True)
+    values = form_values(html)
+    assert (values["max_steps"], values["learning_rate"], values["priority"]) == ("17", "0.003", "6")
+    assert values["block_out_channels"] == "16, 32"
+
+    # Posting it unchanged makes a second job with the same params.
+    values.pop("csrf_token", None)
+    resp = client.post("/submit/ddpm.train", data=values)
+    again = client.get("/api/v1/jobs/" + resp.headers["Location"].rsplit("/", 1)[1]).get_json()
+    assert again["params"] == job["params"] and again["priority"] == 6 and again["id"] != job["id"]
+
+    # The job page links to it; a job of another kind redirects to its own form.
+    assert f"/submit/ddpm.train?from={job['id']}" in client.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    resp = client.get(f"/submit/ddpm.sample?from={job['id']}")
+    assert resp.status_code == 302 and f"/submit/ddpm.train?from={job['id']}" in resp.headers["Location"]
+    assert client.get("/submit/ddpm.train?from=" + "0" * 32).status_code == 404
+
+
+def test_query_args_prefill_a_field(client):
+    html = client.get("/submit/ddpm.sample?model=job:" + "b" * 32).get_data(as_text=True)
+    assert form_values(html)["model"] == "job:" + "b" * 32
+
+
+# ------------------------------------------------------------------ files from the form
+def uploads_total(client) -> int:
+    return client.get("/api/v1/uploads").get_json()["total"]
+
+
+def test_a_file_chosen_in_the_form_becomes_an_upload_the_job_names(client):
+    resp = client.post("/submit/sd.img2img", content_type="multipart/form-data", data={
+        "model": "tiny-sd", "prompts": "a red fox",
+        "init_image__file": (io.BytesIO(png_bytes(24, 24)), "fox.png"),
+    })
+    assert resp.status_code == 302, resp.get_data(as_text=True)[:2000]
+    job = client.get("/api/v1/jobs/" + resp.headers["Location"].rsplit("/", 1)[1]).get_json()
+    upload = client.get("/api/v1/uploads").get_json()["uploads"][0]
+    assert job["params"]["init_image"] == upload["ref"]
+    assert (upload["filename"], upload["kind"], upload["meta"]["width"]) == ("fox.png", "image", 24)
+
+    resp = client.post("/submit/ddpm.train", content_type="multipart/form-data", data={
+        "preset": "tiny", "dataset__file": (io.BytesIO(class_zip()), "digits.zip"),
+    })
+    assert resp.status_code == 302
+    job = client.get("/api/v1/jobs/" + resp.headers["Location"].rsplit("/", 1)[1]).get_json()
+    assert job["params"]["dataset"] == client.get("/api/v1/uploads?kind=dataset").get_json()["uploads"][0]["ref"]
+
+
+def test_a_refused_form_stores_no_file(client):
+    # Another field is bad: the file is not stored, and the user is told to choose it again.
+    resp = client.post("/submit/sd.img2img", content_type="multipart/form-data", data={
+        "model": "tiny-sd", "prompts": "a red fox", "strength": "7",
+        "init_image__file": (io.BytesIO(png_bytes(24, 24)), "fox.png"),
+    })
+    assert resp.status_code == 400
+    html = resp.get_data(as_text=True)
+    assert "less than or equal to 1" in field_block(html, "strength")
+    assert "Choose your file again" in html
+    # A file of the wrong kind for its field: refused by that field, nothing stored.
+    resp = client.post("/submit/ddpm.train", content_type="multipart/form-data", data={
+        "preset": "tiny", "dataset__file": (io.BytesIO(png_bytes()), "one.png"),
+    })
+    assert resp.status_code == 400
+    assert "is an image upload, expected a dataset upload" in field_block(resp.get_data(as_text=True), "dataset")
+    assert uploads_total(client) == 0 and total_jobs(client) == 0
+
+
+def test_upload_fields_offer_recent_uploads_and_model_fields_the_models(client, sqlite_settings):
+    ref = upload_png(client)
+    html = client.get("/submit/sd.img2img").get_data(as_text=True)
+    assert f'<option value="{ref}">init.png</option>' in html
+    assert 'type="file" id="f-init_image__file" name="init_image__file" accept="image/*"' in html
+    (sqlite_settings.models_dir / "org" / "sd-local").mkdir(parents=True)
+    (sqlite_settings.models_dir / "org" / "sd-local" / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline"}')
+    html = client.get("/submit/sd.txt2img").get_data(as_text=True)
+    assert '<option value="org/sd-local">' in html
+
+
+# ------------------------------------------------------------------ models page
+def test_models_page_links_each_model_to_its_sampling_form(client, sqlite_settings, tiny_ddpm_dir):
+    (sqlite_settings.models_dir / "sd-local").mkdir()
+    (sqlite_settings.models_dir / "sd-local" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    html = client.get("/models").get_data(as_text=True)
+    assert 'href="/submit/ddpm.sample?model=tiny-ddpm"' in html
+    assert 'href="/submit/sd.txt2img?model=sd-local"' in html
+    assert html.count("Sample from this model") == 2
+
+
+def test_models_page_empty(client):
+    html = client.get("/models").get_data(as_text=True)
+    assert "No models yet" in html
+
+
+# ------------------------------------------------------------------ lists and buttons
+def test_jobs_page_filters_by_status_and_kind(client):
+    train, sample = submit(client, {"max_steps": 5}), submit(client, {"model": "m"}, kind="ddpm.sample")
+    client.post(f"/api/v1/jobs/{train['id']}/cancel")
+    html = client.get("/jobs?status=cancelled").get_data(as_text=True)
+    assert train["id"] in html and sample["id"] not in html
+    html = client.get("/jobs?kind=ddpm.sample").get_data(as_text=True)
+    assert sample["id"] in html and train["id"] not in html
+    html = client.get("/jobs?status=bogus&kind=nope&offset=x").get_data(as_text=True)  # ignored, not an error
+    assert sample["id"] in html and train["id"] in html
+
+
+def test_cancel_and_retry_buttons_need_the_csrf_token(sqlite_settings):
+    from web import create_app
+
+    client = create_app(replace(sqlite_settings, csrf_enabled=True)).test_client()
+    job = submit(client, {"max_steps": 5})
+    assert client.post(f"/jobs/{job['id']}/cancel").status_code == 400  # no token: refused
+    assert client.get(f"/api/v1/jobs/{job['id']}").get_json()["status"] == "queued"
+
+    html = client.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    token = re.search(r'<meta name="csrf-token" content="([^"]+)"', html).group(1)
+    # The page's script: the header token, a JSON answer.
+    resp = client.post(f"/jobs/{job['id']}/cancel", headers={"X-CSRFToken": token, "Accept": "application/json"})
+    assert resp.status_code == 202 and resp.get_json()["status"] == "cancelled"
+    # A plain form post (no script): the token field, then back to the page it came from.
+    resp = client.post(f"/jobs/{job['id']}/retry", data={"csrf_token": token}, headers={"Referer": "/jobs"})
+    assert resp.status_code == 302 and resp.headers["Location"] == "/jobs"
+    assert client.get(f"/api/v1/jobs/{job['id']}").get_json()["status"] == "queued"
+    # Retrying a queued job is a conflict, named.
+    resp = client.post(f"/jobs/{job['id']}/retry", headers={"X-CSRFToken": token, "Accept": "application/json"})
+    assert resp.status_code == 409 and "only failed or cancelled" in resp.get_json()["message"]

@@ -312,6 +312,7 @@ function submitForm(form) {
       if (widget === 'checkbox') input.checked = Boolean(value);
       else if (value === null || value === undefined) input.value = '';
       else if (widget === 'json') input.value = JSON.stringify(value);
+      else if (typeof value === 'boolean') input.value = value ? 'True' : 'False';  // a select's options
       else if (Array.isArray(value)) input.value = value.join(widget === 'lines' ? '\n' : ', ');
       else input.value = value;
     }
