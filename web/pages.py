@@ -4,6 +4,8 @@ themselves (web/static/app.js); every form posts with a CSRF token.
 """
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
 from shared import jobs, model_catalog, uploads
@@ -155,10 +157,13 @@ def job_page(job_id: str):
 
 
 def _after_action(job):
-    """Scripts get the job as JSON; a plain form post goes back to where it came from."""
+    """Scripts get the job as JSON; a plain form post goes back to the page it came
+    from (on this site only), or to the job's page."""
     if request.accept_mimetypes.best == "application/json":
         return jsonify(job_json(job)), 202
-    return redirect(request.referrer or url_for("pages.job_page", job_id=job.id))
+    back = urlsplit(request.referrer or "")
+    same_site = back.path.startswith("/") and back.netloc in ("", request.host)
+    return redirect(back.geturl() if same_site else url_for("pages.job_page", job_id=job.id))
 
 
 @bp.post("/jobs/<job_id>/cancel")

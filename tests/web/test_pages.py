@@ -366,6 +366,10 @@ def test_cancel_and_retry_buttons_need_the_csrf_token(sqlite_settings):
     # A plain form post (no script): the token field, then back to the page it came from.
     resp = client.post(f"/jobs/{job['id']}/retry", data={"csrf_token": token}, headers={"Referer": "/jobs"})
     assert resp.status_code == 302 and resp.headers["Location"] == "/jobs"
+    client.post(f"/jobs/{job['id']}/cancel", data={"csrf_token": token})
+    resp = client.post(f"/jobs/{job['id']}/retry", data={"csrf_token": token},
+                       headers={"Referer": "https://elsewhere.example/x"})
+    assert resp.headers["Location"] == f"/jobs/{job['id']}"  # never back to another site
     assert client.get(f"/api/v1/jobs/{job['id']}").get_json()["status"] == "queued"
     # Retrying a queued job is a conflict, named.
     resp = client.post(f"/jobs/{job['id']}/retry", headers={"X-CSRFToken": token, "Accept": "application/json"})

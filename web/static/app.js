@@ -270,7 +270,7 @@ function jobPage(root) {
       $('preview').dataset.name = preview.name;
       $('preview').src = preview.url;
       const step = preview.name.match(/step-0*(\d+)/);
-      const what = job.kind === 'ddpm.sample' ? 'current x (left) beside the predicted x0 (right)' : 'decoded latents';
+      const what = job.kind === 'ddpm.sample' ? 'current x (left) beside the predicted x0 (right)' : 'the latents, roughly mapped to colours';
       $('preview').alt = `Preview ${step ? `at step ${step[1]}` : ''}: ${what}`;
       $('preview-caption').textContent = `Latest preview${step ? `, step ${step[1]}` : ''}: ${what}`;
     }
