@@ -1,8 +1,9 @@
 """The `diffqueue` command.
 
-Service commands (`up`, `web`, `worker`, `db upgrade`) start processes by module
-name, so this module never imports `web` or `worker`. Client commands (`submit`,
-`upload`, `status`, `wait`, `download`) talk to the JSON API over HTTP.
+Service commands (`up`, `web`, `worker`, `beat`, `db upgrade`) start processes by
+module name, so this module never imports `web` or `worker`. Client commands
+(`submit`, `upload`, `status`, `wait`, `download`, `schedule ...`) talk to the JSON
+API over HTTP.
 """
 from __future__ import annotations
 
@@ -57,6 +58,17 @@ def worker_command(queues: str, concurrency: int, loglevel: str) -> list[str]:
             "--loglevel", loglevel]
 
 
+def beat_command(loglevel: str) -> list[str]:
+    return [sys.executable, "-m", "shared.cli", "beat", "--loglevel", loglevel]
+
+
+def cmd_beat(args, settings: Settings) -> None:
+    from shared.beat import run_beat
+
+    require_migrated(settings)
+    run_beat(settings, args.loglevel)
+
+
 def cmd_web(args, settings: Settings) -> None:
     require_migrated(settings)
     cmd = web_command(args.host, args.port, args.workers)
@@ -70,8 +82,8 @@ def cmd_worker(args, settings: Settings) -> None:
 
 
 def cmd_up(args, _settings: Settings) -> None:
-    """The embedded default: SQLite DB and broker, artifacts in the data dir, web and
-    worker as child processes of this one."""
+    """The embedded default: SQLite DB and broker, artifacts in the data dir, web,
+    worker and beat as child processes of this one."""
     data_dir = Path(args.data_dir).resolve()
     settings = Settings.embedded(data_dir)
     upgrade(settings.database_url)
@@ -79,6 +91,7 @@ def cmd_up(args, _settings: Settings) -> None:
     url = f"http://{args.host}:{args.port}"
     procs = [
         subprocess.Popen(worker_command("gpu,cpu", 1, args.loglevel), env=env),
+        subprocess.Popen(beat_command(args.loglevel), env=env),
         subprocess.Popen(web_command(args.host, args.port, 1), env=env),
     ]
 
@@ -264,12 +277,53 @@ def cmd_download(args, settings: Settings) -> None:
         print(path)
 
 
+# -------------------------------------------------------------------- schedules
+def _print_schedules(rows: list[dict]) -> None:
+    for s in rows:
+        state = "enabled" if s["enabled"] else "paused"
+        nxt = s["next_run_at"] or "-"
+        print(f"{s['id']}  {state:8}  {s['cron']:<16} {s['timezone']:<16} next {nxt}  {s['kind']}  {s['name']}")
+
+
+def cmd_schedule_add(args, settings: Settings) -> None:
+    params = json.loads(Path(args.json).read_text()) if args.json else {}
+    params.update(dict(parse_param(p) for p in args.param or []))
+    body = {
+        "name": args.name, "cron": args.cron, "timezone": args.timezone, "kind": args.kind, "params": params,
+        "priority": args.priority, "enabled": not args.paused, "missed_runs": args.missed_runs,
+        "max_concurrent": args.max_concurrent, "overlap": args.overlap,
+    }
+    schedule = _request("POST", _api(settings, args) + "/schedules", json=body).json()
+    print(f"next run {schedule['next_run_at'] or '- (paused)'}", file=sys.stderr)
+    print(schedule["id"])
+
+
+def cmd_schedule_list(args, settings: Settings) -> None:
+    _print_schedules(_request("GET", _api(settings, args) + "/schedules?limit=200").json()["schedules"])
+
+
+def cmd_schedule_set_enabled(enabled: bool):
+    def run(args, settings: Settings) -> None:
+        s = _request("PATCH", f"{_api(settings, args)}/schedules/{args.id}", json={"enabled": enabled}).json()
+        _print_schedules([s])
+    return run
+
+
+def cmd_schedule_rm(args, settings: Settings) -> None:
+    _request("DELETE", f"{_api(settings, args)}/schedules/{args.id}")
+    print(f"deleted {args.id}", file=sys.stderr)
+
+
+def cmd_schedule_run_now(args, settings: Settings) -> None:
+    print(_request("POST", f"{_api(settings, args)}/schedules/{args.id}/run-now").json()["id"])
+
+
 # -------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffqueue", description="Job queue for diffusion training and sampling.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("up", help="embedded service: SQLite, SQLite broker, local storage; web + worker")
+    p = sub.add_parser("up", help="embedded service: SQLite, SQLite broker, local storage; web + worker + beat")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", default=os.environ.get("DIFFQUEUE_DATA_DIR", "diffqueue-data"))
@@ -288,15 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loglevel", default="info")
     p.set_defaults(func=cmd_worker)
 
+    p = sub.add_parser("beat", help="Celery beat: enqueue scheduled jobs as they fall due")
+    p.add_argument("--loglevel", default="info")
+    p.set_defaults(func=cmd_beat)
+
     p = sub.add_parser("db", help="database commands")
     dbsub = p.add_subparsers(dest="db_command", required=True)
     dbsub.add_parser("upgrade", help="migrate the database to the latest revision").set_defaults(func=cmd_db_upgrade)
 
-    def client(name: str, help: str, func):
-        p = sub.add_parser(name, help=help)
+    def add_client(parsers, name: str, help: str, func):
+        p = parsers.add_parser(name, help=help)
         p.add_argument("--url", help="API base URL (default: DIFFQUEUE_URL or http://127.0.0.1:8000)")
         p.set_defaults(func=func)
         return p
+
+    def client(name: str, help: str, func):
+        return add_client(sub, name, help, func)
 
     p = client("submit", "submit a job and print its id", cmd_submit)
     p.add_argument("kind")
@@ -318,6 +379,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("dir")
     p.add_argument("--prefix", default="", help="only artifacts whose name starts with this, e.g. model/")
+
+    p = sub.add_parser("schedule", help="recurring jobs: add, list, pause, resume, rm, run-now")
+    ssub = p.add_subparsers(dest="schedule_command", required=True)
+
+    def schedule_client(name: str, help: str, func):
+        return add_client(ssub, name, help, func)
+
+    p = schedule_client("add", "add a schedule and print its id", cmd_schedule_add)
+    p.add_argument("kind")
+    p.add_argument("--name", required=True)
+    p.add_argument("--cron", required=True, help='5-field cron, e.g. "0 2 * * *" (02:00 every day)')
+    p.add_argument("--timezone", "--tz", default="UTC", help="IANA timezone, e.g. Europe/Berlin (default UTC)")
+    p.add_argument("--param", "-p", action="append", metavar="KEY=VALUE", help="a param; VALUE is JSON or a string")
+    p.add_argument("--json", metavar="FILE", help="params from a JSON file (--param entries override)")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--missed-runs", choices=["skip", "catch_up_once"], default="skip",
+                   help="after downtime: skip to the next occurrence, or run once for the missed window")
+    p.add_argument("--max-concurrent", type=int, default=1, help="at most this many of its jobs queued or running")
+    p.add_argument("--overlap", choices=["skip", "queue"], default="skip",
+                   help="at max-concurrent: skip the occurrence, or hold it until a job finishes")
+    p.add_argument("--paused", action="store_true", help="create it paused")
+    schedule_client("list", "list schedules", cmd_schedule_list)
+    schedule_client("pause", "pause a schedule", cmd_schedule_set_enabled(False)).add_argument("id")
+    schedule_client("resume", "resume a schedule from its next occurrence", cmd_schedule_set_enabled(True)).add_argument("id")
+    schedule_client("rm", "delete a schedule (its jobs stay)", cmd_schedule_rm).add_argument("id")
+    schedule_client("run-now", "enqueue a schedule's job now and print its id", cmd_schedule_run_now).add_argument("id")
     return parser
 
 

@@ -60,6 +60,12 @@ class Settings:
     upload_max_uncompressed_bytes: int = 4 * 1024**3
     upload_max_pixels: int = 4096 * 4096
     upload_max_ratio: float = 200.0
+    # Schedules: how often beat looks for due schedules; the shortest interval a cron
+    # expression may fire at (below 60, a sixth field of seconds is accepted); how late
+    # an occurrence may be seen and still run under the `skip` missed-run policy.
+    beat_interval_s: float = 5.0
+    schedule_min_interval_s: float = 60.0
+    schedule_grace_s: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -102,6 +108,9 @@ class Settings:
             ),
             upload_max_pixels=int(get("UPLOAD_MAX_PIXELS", defaults.upload_max_pixels)),
             upload_max_ratio=float(get("UPLOAD_MAX_RATIO", defaults.upload_max_ratio)),
+            beat_interval_s=float(get("BEAT_INTERVAL_S", defaults.beat_interval_s)),
+            schedule_min_interval_s=float(get("SCHEDULE_MIN_INTERVAL_S", defaults.schedule_min_interval_s)),
+            schedule_grace_s=float(get("SCHEDULE_GRACE_S", defaults.schedule_grace_s)),
         )
 
     @classmethod
@@ -139,6 +148,9 @@ class Settings:
             "UPLOAD_MAX_UNCOMPRESSED_BYTES": str(self.upload_max_uncompressed_bytes),
             "UPLOAD_MAX_PIXELS": str(self.upload_max_pixels),
             "UPLOAD_MAX_RATIO": str(self.upload_max_ratio),
+            "BEAT_INTERVAL_S": str(self.beat_interval_s),
+            "SCHEDULE_MIN_INTERVAL_S": str(self.schedule_min_interval_s),
+            "SCHEDULE_GRACE_S": str(self.schedule_grace_s),
         }
         optional = {
             "MODELS_DIR": self.models_dir,

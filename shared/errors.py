@@ -51,3 +51,7 @@ class ModelNotFound(DiffqueueError):
 
 class UploadNotFound(DiffqueueError):
     """An `upload:<id>` reference resolved to nothing, or to an upload of another kind."""
+
+
+class ScheduleNotFound(DiffqueueError):
+    """No schedule with that id."""

@@ -31,18 +31,21 @@ def submit(
     if the publish fails, the row stays queued with no `published_at`. An
     `upload:<id>` param must name an upload of the field's kind (checked in the
     same transaction, so a bad reference creates no job)."""
-    values = validate_params(kind, params).model_dump(mode="json")
     with session_scope(factory) as session:
-        check_upload_refs(session, KINDS[kind].spec, values)
-        job = Job(
-            kind=kind,
-            params=values,
-            priority=priority,
-            queue=KINDS[kind].queue,
-            status=JobStatus.QUEUED.value,
-        )
-        session.add(job)
+        job = add_job(session, kind, params, priority)
     publish(factory, producer, job)
+    return job
+
+
+def add_job(session: Session, kind: str, params: Any, priority: int = 0, **fields: Any) -> Job:
+    """Validate and add a queued row to `session` (not committed, not published).
+    `fields` are further columns, such as a schedule's `schedule_id` and `scheduled_for`."""
+    values = validate_params(kind, params).model_dump(mode="json")
+    check_upload_refs(session, KINDS[kind].spec, values)
+    job = Job(kind=kind, params=values, priority=priority, queue=KINDS[kind].queue, status=JobStatus.QUEUED.value,
+              **fields)
+    session.add(job)
+    session.flush()  # the id, and a unique-constraint violation, now rather than at commit
     return job
 
 

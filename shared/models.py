@@ -74,7 +74,10 @@ class Base(DeclarativeBase):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_status_created", "status", "created_at"),
+        UniqueConstraint("schedule_id", "scheduled_for", name="uq_jobs_schedule_occurrence"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(64), index=True)
@@ -107,6 +110,11 @@ class Job(Base):
     traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A job a schedule enqueued, and the occurrence it is for: one job per occurrence.
+    schedule_id: Mapped[str | None] = mapped_column(
+        ForeignKey("schedules.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    scheduled_for: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
 
     artifacts: Mapped[list["Artifact"]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Artifact.name"
@@ -150,3 +158,47 @@ class Upload(Base):
     # dataset: num_images, classes, uncompressed_bytes; image: width, height, mode; prompts: num_prompts
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
+
+
+class MissedRuns(str, enum.Enum):
+    """What a schedule does with occurrences that passed while beat was down."""
+
+    SKIP = "skip"  # run only the next future occurrence
+    CATCH_UP_ONCE = "catch_up_once"  # one job for the whole missed window
+
+
+class Overlap(str, enum.Enum):
+    """What a schedule does when `max_concurrent` of its jobs are still queued or running."""
+
+    SKIP = "skip"  # drop this occurrence
+    QUEUE = "queue"  # hold it, and enqueue it once one of them finishes
+
+
+class Schedule(Base):
+    """A recurring job: a job template enqueued at each occurrence of a cron expression
+    in a timezone. Times are stored in UTC; `next_run_at` is the next occurrence to
+    enqueue, advanced in the same transaction that inserts its job."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (Index("ix_schedules_due", "enabled", "next_run_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    cron: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    kind: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    missed_runs: Mapped[str] = mapped_column(String(16), default=MissedRuns.SKIP.value)
+    max_concurrent: Mapped[int] = mapped_column(Integer, default=1)
+    overlap: Mapped[str] = mapped_column(String(16), default=Overlap.SKIP.value)
+    next_run_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    # Set while an occurrence waits for a free slot (overlap "queue").
+    held_since: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    last_run_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    last_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    skipped_runs: Mapped[int] = mapped_column(Integer, default=0)
+    last_skip_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, onupdate=utcnow)

@@ -9,9 +9,9 @@ from pathlib import Path
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
 from sqlalchemy import select, text
 
-from shared import jobs, model_catalog, uploads
+from shared import jobs, model_catalog, schedules, uploads
 from shared.errors import JobNotFound, SpecError
-from shared.models import Artifact, Job, JobStatus, Upload
+from shared.models import Artifact, Job, JobStatus, Schedule, Upload
 from shared.specs import KINDS, kinds_schema, validate_priority
 from shared.storage import job_key
 from web import services
@@ -65,6 +65,8 @@ def job_json(job: Job, with_artifacts: bool = True) -> dict:
         "error": job.error,
         "traceback": job.traceback,
         "result": job.result,
+        "schedule_id": job.schedule_id,
+        "scheduled_for": _iso(job.scheduled_for),
         "url": url_for("api.get_job", job_id=job.id, _external=True),
     }
     if with_artifacts:
@@ -92,6 +94,23 @@ def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
     return value
 
 
+def _page() -> tuple[int, int]:
+    """`?limit=&offset=` of a list endpoint, bounded."""
+    return _int_arg("limit", 50, 1, MAX_PAGE), _int_arg("offset", 0, 0, 10**9)
+
+
+def _accepted(body: dict, status: int, location: str):
+    """A 201/202 with the new resource and its Location."""
+    resp = jsonify(body)
+    resp.status_code = status
+    resp.headers["Location"] = location
+    return resp
+
+
+def _listing(key: str, items: list[dict], total: int, limit: int, offset: int):
+    return jsonify({key: items, "total": total, "limit": limit, "offset": offset})
+
+
 @bp.post("/jobs")
 def create_job():
     body = request.get_json(silent=True)
@@ -107,10 +126,7 @@ def create_job():
     job = jobs.submit(svc.sessions, svc.producer, kind, params, validate_priority(priority))
     with svc.sessions() as session:
         job = jobs.get_job(session, job.id)
-        resp = jsonify(job_json(job))
-    resp.status_code = 202
-    resp.headers["Location"] = url_for("api.get_job", job_id=job.id)
-    return resp
+        return _accepted(job_json(job), 202, url_for("api.get_job", job_id=job.id))
 
 
 @bp.get("/jobs")
@@ -120,14 +136,10 @@ def list_jobs():
         raise SpecError(f"status must be one of {', '.join(STATUSES)}, got {status!r}", {"status": "unknown status"})
     if kind and kind not in KINDS:
         raise SpecError(f"kind must be one of {', '.join(sorted(KINDS))}, got {kind!r}", {"kind": "unknown kind"})
-    limit = _int_arg("limit", 50, 1, MAX_PAGE)
-    offset = _int_arg("offset", 0, 0, 10**9)
+    limit, offset = _page()
     with services().sessions() as session:
         rows, total = jobs.list_jobs(session, status, kind, limit, offset)
-        return jsonify({
-            "jobs": [job_json(j, with_artifacts=False) for j in rows],
-            "total": total, "limit": limit, "offset": offset,
-        })
+        return _listing("jobs", [job_json(j, with_artifacts=False) for j in rows], total, limit, offset)
 
 
 @bp.get("/jobs/<job_id>")
@@ -231,10 +243,7 @@ def create_upload():
         path = Path(tmp) / "upload"
         uploads.copy_capped(file.stream, path, limit)
         upload = uploads.save_upload(svc.sessions, svc.storage, svc.settings, file.filename, path)
-    resp = jsonify(upload_json(upload))
-    resp.status_code = 201
-    resp.headers["Location"] = url_for("api.get_upload", upload_id=upload.id)
-    return resp
+    return _accepted(upload_json(upload), 201, url_for("api.get_upload", upload_id=upload.id))
 
 
 @bp.get("/uploads")
@@ -242,17 +251,104 @@ def list_uploads():
     kind = request.args.get("kind")
     if kind and kind not in uploads.UPLOAD_KINDS:
         raise SpecError(f"kind must be one of {', '.join(uploads.UPLOAD_KINDS)}, got {kind!r}", {"kind": "unknown kind"})
-    limit = _int_arg("limit", 50, 1, MAX_PAGE)
-    offset = _int_arg("offset", 0, 0, 10**9)
+    limit, offset = _page()
     with services().sessions() as session:
         rows, total = uploads.list_uploads(session, kind, limit, offset)
-        return jsonify({"uploads": [upload_json(u) for u in rows], "total": total, "limit": limit, "offset": offset})
+        return _listing("uploads", [upload_json(u) for u in rows], total, limit, offset)
 
 
 @bp.get("/uploads/<upload_id>")
 def get_upload(upload_id: str):
     with services().sessions() as session:
         return jsonify(upload_json(uploads.get_upload(session, upload_id)))
+
+
+def schedule_json(s: Schedule) -> dict:
+    return {
+        "id": s.id,
+        "name": s.name,
+        "cron": s.cron,
+        "timezone": s.timezone,
+        "kind": s.kind,
+        "params": s.params,
+        "priority": s.priority,
+        "enabled": s.enabled,
+        "missed_runs": s.missed_runs,
+        "max_concurrent": s.max_concurrent,
+        "overlap": s.overlap,
+        "next_run_at": _iso(s.next_run_at),
+        "held_since": _iso(s.held_since),
+        "last_run_at": _iso(s.last_run_at),
+        "last_job_id": s.last_job_id,
+        "skipped_runs": s.skipped_runs,
+        "last_skip_reason": s.last_skip_reason,
+        "created_at": _iso(s.created_at),
+        "updated_at": _iso(s.updated_at),
+        "url": url_for("api.get_schedule", schedule_id=s.id, _external=True),
+    }
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise SpecError("request body must be a JSON object", {"body": "must be a JSON object"})
+    return body
+
+
+@bp.post("/schedules")
+def create_schedule():
+    svc = services()
+    with svc.sessions() as session:
+        schedule = schedules.create(session, _json_body(), svc.settings)
+        session.commit()
+        return _accepted(schedule_json(schedule), 201, url_for("api.get_schedule", schedule_id=schedule.id))
+
+
+@bp.get("/schedules")
+def list_schedules():
+    limit, offset = _page()
+    with services().sessions() as session:
+        rows, total = schedules.list_schedules(session, limit, offset)
+        return _listing("schedules", [schedule_json(s) for s in rows], total, limit, offset)
+
+
+@bp.get("/schedules/<schedule_id>")
+def get_schedule(schedule_id: str):
+    with services().sessions() as session:
+        return jsonify(schedule_json(schedules.get_schedule(session, schedule_id)))
+
+
+@bp.patch("/schedules/<schedule_id>")
+def update_schedule(schedule_id: str):
+    svc = services()
+    with svc.sessions() as session:
+        schedule = schedules.update_schedule(session, schedule_id, _json_body(), svc.settings)
+        session.commit()
+        return jsonify(schedule_json(schedule))
+
+
+@bp.delete("/schedules/<schedule_id>")
+def delete_schedule(schedule_id: str):
+    with services().sessions() as session:
+        schedules.delete_schedule(session, schedule_id)
+        session.commit()
+    return "", 204
+
+
+@bp.post("/schedules/<schedule_id>/run-now")
+def run_schedule_now(schedule_id: str):
+    svc = services()
+    job = schedules.run_now(svc.sessions, svc.producer, schedule_id)
+    with svc.sessions() as session:
+        return _accepted(job_json(jobs.get_job(session, job.id)), 202, url_for("api.get_job", job_id=job.id))
+
+
+@bp.get("/schedules/<schedule_id>/jobs")
+def list_schedule_jobs(schedule_id: str):
+    limit, offset = _page()
+    with services().sessions() as session:
+        rows, total = schedules.schedule_jobs(session, schedule_id, limit, offset)
+        return _listing("jobs", [job_json(j, with_artifacts=False) for j in rows], total, limit, offset)
 
 
 @bp.get("/kinds")

@@ -6,7 +6,7 @@ import logging
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from shared.errors import InvalidTransition, JobNotFound, SpecError, UploadNotFound
+from shared.errors import InvalidTransition, JobNotFound, ScheduleNotFound, SpecError, UploadNotFound
 from shared.uploads import human_bytes, upload_error
 from web import services
 
@@ -31,7 +31,8 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(JobNotFound)
     @app.errorhandler(UploadNotFound)
-    def not_found(exc: JobNotFound | UploadNotFound):
+    @app.errorhandler(ScheduleNotFound)
+    def not_found(exc: JobNotFound | UploadNotFound | ScheduleNotFound):
         if _wants_json():
             return error_response(404, "not_found", str(exc))
         return render_template("error.html", code=404, message=str(exc)), 404
