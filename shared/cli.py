@@ -92,7 +92,10 @@ def cmd_up(args, _settings: Settings) -> None:
     procs = [
         subprocess.Popen(worker_command("gpu,cpu", 1, args.loglevel), env=env),
         subprocess.Popen(beat_command(args.loglevel), env=env),
-        subprocess.Popen(web_command(args.host, args.port, 1), env=env),
+        # Its own session: a terminal's Ctrl-C reaches gunicorn only through this process's
+        # SIGTERM. A gthread worker hit by both (the group's SIGINT, then its master's
+        # signal) can deadlock in its quit handler and outlive everything, port held.
+        subprocess.Popen(web_command(args.host, args.port, 1), env=env, start_new_session=True),
     ]
 
     def stop(*_):
