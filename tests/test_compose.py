@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-EXPECTED_SERVICES = {"postgres", "redis", "minio", "createbuckets", "migrate", "web", "worker"}
+EXPECTED_SERVICES = {"postgres", "redis", "minio", "createbuckets", "migrate", "web", "worker", "beat"}
 
 
 def test_compose_config_validates():
@@ -43,3 +43,11 @@ def test_worker_reserves_an_nvidia_gpu():
     assert any(
         d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices
     ), devices
+
+
+def test_beat_runs_diffqueue_beat_once_the_database_is_migrated():
+    beat = _load_compose()["services"]["beat"]
+    assert beat["command"] == ["diffqueue", "beat"]
+    assert beat["deploy"]["replicas"] == 1
+    assert beat["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert beat["environment"]["DIFFQUEUE_DATABASE_URL"].startswith("postgresql")
