@@ -1,18 +1,21 @@
 """HTML pages: submit forms generated from each kind's schema, the jobs list, a job's
-page, and the models page. The list and the job page poll the JSON API and update
-themselves (web/static/app.js); every form posts with a CSRF token.
+page, the models page and the schedules page. The list and the job page poll the
+JSON API and update themselves (web/static/app.js); every form posts with a CSRF token.
 """
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, available_timezones
 
 from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
-from shared import jobs, model_catalog, uploads
+from shared import jobs, model_catalog, schedules, uploads
 from shared.errors import SpecError
 from shared.specs import KINDS, kinds_schema, validate_params, validate_priority
 from web import forms, services
-from web.api import MULTIPART_SLACK, STATUSES, healthz, job_json
+from web.api import MULTIPART_SLACK, STATUSES, healthz, job_json, schedule_json
 
 bp = Blueprint("pages", __name__)
 
@@ -191,3 +194,97 @@ def models_page():
     models = [{**m, "sample_kind": sample_kind(m["pipeline"])} for m in local + from_jobs]
     return render_template("models.html", models=models, models_dir=svc.settings.models_dir)
 
+
+
+# ------------------------------------------------------------------ schedules
+SCHEDULE_DEFAULTS = {"name": "", "cron": "0 2 * * *", "timezone": "UTC", "kind": "sd.txt2img", "params": {},
+                     "priority": 0, "enabled": True, "missed_runs": "skip", "max_concurrent": 1, "overlap": "skip"}
+
+
+def _local(when: str | None, tz: str) -> str:
+    """An ISO UTC time as the schedule's wall clock, e.g. "2026-11-24 02:00 CET"."""
+    if not when:
+        return ""
+    return datetime.fromisoformat(when).astimezone(ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M:%S %Z").replace(":00 ", " ")
+
+
+def render_schedule_form(values: dict, errors: dict | None = None, status: int = 200):
+    # A template error ("params.max_steps") shows by the params field, naming its key.
+    by_field: dict[str, str] = {}
+    for path, message in (errors or {}).items():
+        field, _, rest = path.partition(".")
+        by_field.setdefault(field if field in SCHEDULE_DEFAULTS else "params", f"{rest}: {message}" if rest else message)
+    params = values.get("params", {})
+    return render_template(
+        "schedule_form.html", values={**SCHEDULE_DEFAULTS, **values},
+        params_text=params if isinstance(params, str) else json.dumps(params, indent=2),
+        errors=by_field, kinds=list(KINDS), timezones=sorted(available_timezones()),
+    ), status
+
+
+def parse_schedule_form(form) -> dict:
+    """Form strings to the API's schedule body; a bad number or JSON is left for the
+    validation to name."""
+    body: dict = {name: form.get(name, "").strip() for name in ("name", "cron", "timezone", "kind",
+                                                                 "missed_runs", "overlap")}
+    for name in ("priority", "max_concurrent"):
+        raw = form.get(name, "").strip()
+        body[name] = int(raw) if raw.lstrip("-").isdigit() else raw
+    raw_params = form.get("params", "").strip() or "{}"
+    try:
+        body["params"] = json.loads(raw_params)
+    except ValueError as exc:
+        body["params"] = raw_params
+        raise SpecError(f"params: not JSON ({exc})", {"params": f"must be a JSON object: {exc}"}) from None
+    body["enabled"] = "enabled" in form
+    return body
+
+
+@bp.get("/schedules")
+def schedules_page():
+    with services().sessions() as session:
+        rows, total = schedules.list_schedules(session, limit=200)
+        listed = [schedule_json(s) for s in rows]
+    for s in listed:
+        s["next_local"], s["last_local"] = _local(s["next_run_at"], s["timezone"]), _local(s["last_run_at"], s["timezone"])
+    return render_template("schedules.html", schedules=listed, total=total)
+
+
+@bp.route("/schedules/new", methods=["GET", "POST"])
+def new_schedule():
+    svc = services()
+    if request.method == "GET":
+        values: dict = {}
+        if "from" in request.args:  # "schedule this job": its kind, params and priority
+            with svc.sessions() as session:
+                source = jobs.get_job(session, request.args["from"])
+                values = {"kind": source.kind, "params": source.params, "priority": source.priority,
+                          "name": f"{source.kind} every night"}
+        return render_schedule_form(values)
+    try:
+        body = parse_schedule_form(request.form)
+        with svc.sessions() as session:
+            schedule = schedules.create(session, body, svc.settings)
+            session.commit()
+    except SpecError as exc:
+        values = {**request.form.to_dict(), "enabled": "enabled" in request.form}
+        return render_schedule_form(values, exc.fields or {"name": str(exc)}, status=400)
+    return redirect(url_for("pages.schedules_page", _anchor=f"s-{schedule.id}"))
+
+
+@bp.post("/schedules/<schedule_id>/<action>")
+def schedule_action(schedule_id: str, action: str):
+    """The schedules page's buttons: pause, resume, run-now, delete."""
+    svc = services()
+    if action == "run-now":
+        job = schedules.run_now(svc.sessions, svc.producer, schedule_id)
+        return redirect(url_for("pages.job_page", job_id=job.id))
+    with svc.sessions() as session:
+        if action in ("pause", "resume"):
+            schedules.update_schedule(session, schedule_id, {"enabled": action == "resume"}, svc.settings)
+        elif action == "delete":
+            schedules.delete_schedule(session, schedule_id)
+        else:
+            return render_template("error.html", code=404, message=f"no schedule action {action!r}"), 404
+        session.commit()
+    return redirect(url_for("pages.schedules_page"))

@@ -70,13 +70,15 @@ def screenshots(tmp_path_factory, request) -> Path:
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, browser):
-    """Real web and worker processes on the embedded default, CSRF on as in production."""
+    """Real web, worker and beat processes on the embedded default (as `diffqueue up`
+    runs them), CSRF on as in production."""
     root = tmp_path_factory.mktemp("ui")
     settings = replace(Settings.embedded(root / "data"), progress_interval_s=0.2, cancel_check_interval_s=0.2)
     upgrade(settings.database_url)
     svc = Services(settings, root)
     svc.start_web()
     svc.start_worker()
+    svc.start("beat", ["beat"])
     yield svc
     svc.stop()
 

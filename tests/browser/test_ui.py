@@ -183,12 +183,42 @@ def test_invalid_value_shows_the_field_error_and_keeps_the_input(ui, page, scree
     page.screenshot(path=screenshots / "submit-invalid.png", full_page=True)
 
 
+def test_schedule_a_job_from_its_page_then_run_it_now(ui, trained, page, screenshots):
+    # "Schedule this job" opens the schedule form with the job's kind and params.
+    page.goto(f"{ui.url}/jobs/{trained}")
+    page.get_by_role("link", name="Schedule this job").click()
+    page.wait_for_url(re.compile(r"/schedules/new\?from="))
+    assert page.input_value("#f-kind") == "ddpm.train"
+    assert '"max_steps"' in page.input_value("#f-params")
+    page.fill("#f-name", "nightly digits")
+    page.fill("#f-cron", "0 2 * *")  # four fields: refused by the field, input kept
+    page.fill("#f-timezone", "Europe/Berlin")
+    page.get_by_role("button", name="Save schedule").click()
+    assert "must have 5 fields" in page.text_content('[data-field="cron"] .field-error')
+    assert (page.input_value("#f-cron"), page.input_value("#f-name")) == ("0 2 * *", "nightly digits")
+    page.fill("#f-cron", "0 2 * * *")
+    page.get_by_role("button", name="Save schedule").click()
+
+    # Listed with its next run on Berlin's wall clock; "Run now" starts a job from it.
+    page.wait_for_url(re.compile(r"/schedules#s-"))
+    row = page.locator("#schedules tbody tr", has_text="nightly digits")
+    assert re.search(r"02:00 CES?T", row.locator('[data-label="Next run"]').text_content())
+    page.screenshot(path=screenshots / "schedules.png", full_page=True)
+    row.get_by_role("button", name="Run now nightly digits").click()
+    page.wait_for_url(JOB_URL)
+    assert "from a schedule" in page.text_content(".summary")
+    wait_status(page, "#status", "running")  # the worker took it; cancel, to leave the worker free
+    page.click("#cancel")
+    wait_status(page, "#status", "cancelled", timeout_s=60)
+
+
 def test_every_page_is_labelled_and_fits_a_phone(ui, trained, browser, screenshots):
     # Forms for every kind, the lists and a job page: every control has a label, every
     # image has alt text, and nothing is wider than a phone's screen.
     phone = browser.new_page()
     phone.set_viewport_size({"width": 390, "height": 844})
-    paths = [f"/submit/{kind}" for kind in KINDS] + ["/submit", "/jobs", "/models", f"/jobs/{trained}"]
+    paths = [f"/submit/{kind}" for kind in KINDS] + ["/submit", "/jobs", "/models", "/schedules", "/schedules/new",
+                                                     f"/jobs/{trained}"]
     for path in paths:
         phone.goto(ui.url + path)
         phone.wait_for_load_state("networkidle")

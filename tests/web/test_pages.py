@@ -5,8 +5,10 @@ page and the cancel/retry buttons. tests/browser/ drives the same pages in Chrom
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import replace
+from html import unescape
 from html.parser import HTMLParser
 
 import pytest
@@ -374,3 +376,72 @@ def test_cancel_and_retry_buttons_need_the_csrf_token(sqlite_settings):
     # Retrying a queued job is a conflict, named.
     resp = client.post(f"/jobs/{job['id']}/retry", headers={"X-CSRFToken": token, "Accept": "application/json"})
     assert resp.status_code == 409 and "only failed or cancelled" in resp.get_json()["message"]
+
+
+# ------------------------------------------------------------------ schedules
+SCHEDULE_FORM = {"name": "nightly", "cron": "0 2 * * *", "timezone": "Europe/Berlin", "kind": "ddpm.schedule_plot",
+                 "params": '{"num_timesteps_shown": 4}', "priority": "3", "missed_runs": "catch_up_once",
+                 "max_concurrent": "2", "overlap": "queue", "enabled": "on"}
+
+
+def schedules_total(client) -> int:
+    return client.get("/api/v1/schedules").get_json()["total"]
+
+
+def test_schedule_form_creates_a_schedule_listed_with_its_local_next_run(client):
+    resp = client.post("/schedules/new", data=SCHEDULE_FORM)
+    assert resp.status_code == 302, resp.get_data(as_text=True)[:2000]
+    [s] = client.get("/api/v1/schedules").get_json()["schedules"]
+    assert (s["name"], s["priority"], s["missed_runs"], s["max_concurrent"], s["overlap"], s["enabled"]) == (
+        "nightly", 3, "catch_up_once", 2, "queue", True)
+    assert s["params"]["num_timesteps_shown"] == 4
+    html = client.get("/schedules").get_data(as_text=True)
+    assert "nightly" in html and "<code>0 2 * * *</code>" in html
+    assert re.search(r"\d{4}-\d\d-\d\d 02:00 CES?T", html)  # the next run on Berlin's wall clock
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("cron", "0 2 * *", "must have 5 fields"),
+    ("timezone", "Moon/Base", "unknown timezone"),
+    ("params", "{not json", "must be a JSON object"),
+    ("params", '{"num_timesteps_shown": 40}', "num_timesteps_shown: Input should be less than or equal to 16"),
+    ("max_concurrent", "0", "greater than or equal to 1"),
+])
+def test_schedule_form_errors_are_shown_by_the_field_with_the_input_kept(client, field, value, fragment):
+    resp = client.post("/schedules/new", data={**SCHEDULE_FORM, field: value})
+    assert resp.status_code == 400
+    html = resp.get_data(as_text=True)
+    block = html[html.index(f'data-field="{field}"'):]
+    block = block[:block.index("</div>")]
+    assert fragment in unescape(block)
+    assert unescape(value) in unescape(block)  # kept
+    assert 'value="Europe/Berlin"' in html or field == "timezone"
+    assert schedules_total(client) == 0
+
+
+def test_schedule_this_job_prefills_the_form(client):
+    job = submit(client, {"preset": "tiny", "max_steps": 12}, priority=4)
+    assert "/schedules/new?from=" + job["id"] in client.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    html = client.get(f"/schedules/new?from={job['id']}").get_data(as_text=True)
+    assert '<option value="ddpm.train" selected>' in html
+    params = json.loads(unescape(re.search(r'<textarea id="f-params"[^>]*>([^<]*)</textarea>', html).group(1)))
+    assert params == job["params"]
+    assert 'name="priority" min="0" max="9" step="1" value="4"' in html
+
+
+def test_schedule_buttons_pause_resume_run_now_and_delete(client):
+    client.post("/schedules/new", data=SCHEDULE_FORM)
+    sid = client.get("/api/v1/schedules").get_json()["schedules"][0]["id"]
+    client.post(f"/schedules/{sid}/pause")
+    assert client.get(f"/api/v1/schedules/{sid}").get_json()["enabled"] is False
+    assert "Resume" in client.get("/schedules").get_data(as_text=True)
+    client.post(f"/schedules/{sid}/resume")
+    assert client.get(f"/api/v1/schedules/{sid}").get_json()["next_run_at"] is not None
+    resp = client.post(f"/schedules/{sid}/run-now")
+    job_id = resp.headers["Location"].rsplit("/", 1)[1]
+    assert client.get(f"/api/v1/jobs/{job_id}").get_json()["schedule_id"] == sid
+    assert "from <a href=\"/schedules#s-" in client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert client.post(f"/schedules/{sid}/explode").status_code == 404
+    client.post(f"/schedules/{sid}/delete")
+    assert schedules_total(client) == 0
+    assert client.post(f"/schedules/{sid}/pause").status_code == 404

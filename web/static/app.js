@@ -319,6 +319,11 @@ function submitForm(form) {
   });
 }
 
+// Forms that destroy something ask first.
+for (const confirmed of document.querySelectorAll('form[data-confirm]')) {
+  confirmed.addEventListener('submit', (event) => { if (!window.confirm(confirmed.dataset.confirm)) event.preventDefault(); });
+}
+
 const jobsTable = document.getElementById('jobs');
 if (jobsTable) jobsList(jobsTable);
 const jobRoot = document.getElementById('job');
