@@ -73,3 +73,36 @@ def test_up_submit_wait_download_and_ctrl_c(tmp_path):
     assert "diffqueue: stopping" in (tmp_path / "up.log").read_text()
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/healthz", timeout=2)
+
+
+def test_schedule_commands(tmp_path, sqlite_settings):
+    from tests.conftest import Services
+
+    svc = Services(sqlite_settings, tmp_path)
+    try:
+        svc.start_web()
+        env = {**os.environ, "DIFFQUEUE_URL": svc.url}
+        added = cli("schedule", "add", "ddpm.schedule_plot", "--name", "nightly plot", "--cron", "0 2 * * *",
+                    "--tz", "Europe/Berlin", "-p", "num_timesteps_shown=4", "--missed-runs", "catch_up_once",
+                    env=env)
+        sid = added.stdout.strip()
+        assert len(sid) == 32 and "next run 20" in added.stderr
+        schedule = svc.api("GET", f"/schedules/{sid}").json()
+        assert (schedule["timezone"], schedule["missed_runs"], schedule["params"]["num_timesteps_shown"]) == (
+            "Europe/Berlin", "catch_up_once", 4)
+
+        listing = cli("schedule", "list", env=env).stdout
+        assert sid in listing and "enabled" in listing and "nightly plot" in listing
+        assert "paused" in cli("schedule", "pause", sid, env=env).stdout
+        assert svc.api("GET", f"/schedules/{sid}").json()["next_run_at"] is None
+        assert "enabled" in cli("schedule", "resume", sid, env=env).stdout
+        job_id = cli("schedule", "run-now", sid, env=env).stdout.strip()
+        assert svc.api("GET", f"/jobs/{job_id}").json()["schedule_id"] == sid
+
+        # Refused input: the field and the reason, a non-zero exit, nothing saved.
+        refused = cli("schedule", "add", "ddpm.schedule_plot", "--name", "x", "--cron", "0 2 * *", env=env, check=False)
+        assert refused.returncode == 1 and "cron: must have 5 fields" in refused.stderr
+        cli("schedule", "rm", sid, env=env)
+        assert svc.api("GET", "/schedules").json()["total"] == 0
+    finally:
+        svc.stop()
