@@ -1,7 +1,8 @@
 """`diffqueue beat`: Celery beat with a database-backed scheduler, in the manner of
-django-celery-beat's DatabaseScheduler. Its one periodic entry is the schedules tick
-(`shared.schedules.tick`), run in the beat process every `beat_interval_s`: due
-schedules become job rows and `diffqueue.run_job` messages.
+django-celery-beat's DatabaseScheduler. Its one periodic entry runs in the beat
+process every `beat_interval_s`: the schedules tick (`shared.schedules.tick`: due
+schedules become job rows and `diffqueue.run_job` messages), then the reaper
+(`shared.reaper.reap`: jobs of dead workers re-queued, lost messages re-published).
 
 Running two beats by mistake is safe: the tick locks each due schedule (see
 shared/schedules.py), so an occurrence is enqueued once.
@@ -12,7 +13,7 @@ import logging
 
 from celery import Celery, beat
 
-from shared import schedules
+from shared import reaper, schedules
 from shared.broker import make_producer
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
@@ -33,19 +34,22 @@ class ScheduleTicker(beat.Scheduler):
         """No static entries: the tick reads the schedules table."""
 
     def tick(self, *args, **kwargs) -> float:
-        """Enqueue what is due; return the seconds until the next tick."""
+        """Enqueue what is due, then reap; return the seconds until the next tick.
+        A failure (the database or broker away) is logged, and the next tick tries again."""
         try:
-            made = schedules.tick(self.sessions, self.app, self.settings)
-        except Exception:  # the database or broker is away: logged, and the next tick tries again
-            log.exception("schedules tick failed; trying again in %g s", self.settings.beat_interval_s)
-        else:
-            for job in made:
+            for job in schedules.tick(self.sessions, self.app, self.settings):
                 log.info("schedule %s: enqueued job %s for %s", job.schedule_id, job.id, job.scheduled_for.isoformat())
+        except Exception:
+            log.exception("schedules tick failed; trying again in %g s", self.settings.beat_interval_s)
+        try:
+            reaper.reap(self.sessions, self.app, self.settings)
+        except Exception:
+            log.exception("reaper failed; trying again in %g s", self.settings.beat_interval_s)
         return self.settings.beat_interval_s
 
     @property
     def info(self) -> str:
-        return f"schedules table, ticking every {self.settings.beat_interval_s:g} s"
+        return f"schedules table and reaper, ticking every {self.settings.beat_interval_s:g} s"
 
 
 def run_beat(settings: Settings, loglevel: str = "info") -> None:

@@ -64,6 +64,11 @@ class Settings:
     # expression may fire at (below 60, a sixth field of seconds is accepted); how late
     # an occurrence may be seen and still run under the `skip` missed-run policy.
     beat_interval_s: float = 5.0
+    # The reaper (run by beat on each tick): a job whose worker died is re-queued, and
+    # fails once its worker was lost max_attempts times; a queued job nobody claimed is
+    # published again after republish_after_s, backing off x2 each time (at most 1 h).
+    max_attempts: int = 3
+    republish_after_s: float = 300.0
     schedule_min_interval_s: float = 60.0
     schedule_grace_s: float = 60.0
 
@@ -109,6 +114,8 @@ class Settings:
             upload_max_pixels=int(get("UPLOAD_MAX_PIXELS", defaults.upload_max_pixels)),
             upload_max_ratio=float(get("UPLOAD_MAX_RATIO", defaults.upload_max_ratio)),
             beat_interval_s=float(get("BEAT_INTERVAL_S", defaults.beat_interval_s)),
+            max_attempts=int(get("MAX_ATTEMPTS", defaults.max_attempts)),
+            republish_after_s=float(get("REPUBLISH_AFTER_S", defaults.republish_after_s)),
             schedule_min_interval_s=float(get("SCHEDULE_MIN_INTERVAL_S", defaults.schedule_min_interval_s)),
             schedule_grace_s=float(get("SCHEDULE_GRACE_S", defaults.schedule_grace_s)),
         )
@@ -149,6 +156,8 @@ class Settings:
             "UPLOAD_MAX_PIXELS": str(self.upload_max_pixels),
             "UPLOAD_MAX_RATIO": str(self.upload_max_ratio),
             "BEAT_INTERVAL_S": str(self.beat_interval_s),
+            "MAX_ATTEMPTS": str(self.max_attempts),
+            "REPUBLISH_AFTER_S": str(self.republish_after_s),
             "SCHEDULE_MIN_INTERVAL_S": str(self.schedule_min_interval_s),
             "SCHEDULE_GRACE_S": str(self.schedule_grace_s),
         }

@@ -62,9 +62,12 @@ def publish(factory: sessionmaker[Session], producer: Celery, job: Job) -> bool:
     except Exception:  # the broker is down: the row stays queued for a later publish
         log.exception("publishing job %s failed; it stays queued", job.id)
         return False
+    now = utcnow()
     with session_scope(factory) as session:
-        session.execute(update(Job).where(Job.id == job.id).values(published_at=utcnow()))
-    job.published_at = utcnow()
+        session.execute(
+            update(Job).where(Job.id == job.id).values(published_at=now, publish_count=Job.publish_count + 1)
+        )
+    job.published_at = now
     return True
 
 
@@ -142,18 +145,21 @@ def retry_and_publish(factory: sessionmaker[Session], producer: Celery, job_id: 
 
 
 # ------------------------------------------------------------------ worker side
-def claim(session: Session, job_id: str, worker: str, lease_s: float) -> int | None:
-    """Atomically move a job to running under a lease of `lease_s` seconds.
+def claim(session: Session, job_id: str, worker: str, lease_s: float, max_attempts: int = 3) -> int | None:
+    """Atomically move a queued job to running under a lease of `lease_s` seconds.
 
-    Claimable: a queued job, or a running one whose lease has expired (its worker
-    died; the broker delivered the message again). Returns the fencing token (the
-    new attempt number), or None when the job is not claimable: a duplicate
-    delivery while the lease is live, a finished or cancelled job, or an unknown id."""
+    A running job whose lease has expired (its worker died, the broker delivered the
+    message again) is first recovered as the reaper would (`recover_lost`): queued
+    again, or failed at `max_attempts`. Returns the fencing token (the new attempt
+    number), or None when the job is not claimable: a duplicate delivery while the
+    lease is live, a finished or cancelled job, or an unknown id."""
     now = utcnow()
-    orphaned = and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+    job = session.get(Job, job_id)
+    if job is not None and job.status == JobStatus.RUNNING.value and job.lease_expires_at and job.lease_expires_at < now:
+        recover_lost(session, job, now, max_attempts)
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, or_(Job.status == JobStatus.QUEUED.value, orphaned), Job.cancel_requested.is_(False))
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
         .values(
             status=JobStatus.RUNNING.value,
             attempt=Job.attempt + 1,
@@ -169,6 +175,35 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float) -> int | N
     if result.rowcount != 1:
         return None
     return session.scalar(select(Job.attempt).where(Job.id == job_id))
+
+
+def recover_lost(session: Session, job: Job, now: datetime, max_attempts: int) -> JobStatus | None:
+    """A running job whose lease expired lost its worker: put it back in the queue
+    (unpublished: the caller publishes), or fail it once that has happened
+    `max_attempts` times. Fenced on the attempt read, so two recoverers act once.
+    Returns the new status, or None when another recoverer got there first."""
+    lost = job.worker_lost + 1
+    if lost >= max_attempts:
+        values = {
+            "status": JobStatus.FAILED.value, "finished_at": now,
+            "error": f"worker lost {lost} times (max_attempts {max_attempts}); the last was {job.worker}",
+        }
+    else:
+        values = {
+            "status": JobStatus.QUEUED.value, "published_at": None,
+            "progress_message": f"re-queued: worker {job.worker} lost (lease expired)",
+        }
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.attempt == job.attempt,
+               Job.lease_expires_at < now)
+        .values(worker_lost=lost, worker=None, lease_expires_at=None, **values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not done:
+        return None
+    log.warning("job %s: worker %s lost (%d of %d); %s", job.id, job.worker, lost, max_attempts, values["status"])
+    return JobStatus(values["status"])
 
 
 def renew_lease(session: Session, job_id: str, token: int, lease_s: float) -> bool:

@@ -110,6 +110,10 @@ class Job(Base):
     traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Times a worker died holding this job (its lease expired); at max_attempts it fails.
+    worker_lost: Mapped[int] = mapped_column(Integer, default=0)
+    # Times its message was published; the reaper backs off re-publishing by this.
+    publish_count: Mapped[int] = mapped_column(Integer, default=0)
     # A job a schedule enqueued, and the occurrence it is for: one job per occurrence.
     schedule_id: Mapped[str | None] = mapped_column(
         ForeignKey("schedules.id", ondelete="SET NULL"), nullable=True, index=True

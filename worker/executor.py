@@ -21,6 +21,7 @@ from shared.errors import JobCancelled, LeaseLost, WorkerShuttingDown
 from shared.models import Job, JobStatus
 from shared.specs import validate_params
 from shared.storage import make_storage
+from worker import failpoints
 from worker.context import JobContext
 from worker.runners import RUNNERS
 from worker.sd import PipelineCache
@@ -80,13 +81,15 @@ class Executor:
             # A message fetched during shutdown goes back to the broker unclaimed.
             raise Reject("worker shutting down", requeue=True)
         with self.sessions() as session:
-            token = jobs.claim(session, job_id, worker_id, self.settings.lease_s)
+            token = jobs.claim(session, job_id, worker_id, self.settings.lease_s, self.settings.max_attempts)
             if token is None:
                 log.info("job %s not claimable (duplicate delivery, cancelled or unknown); dropping", job_id)
                 return "skipped"
             job = session.get(Job, job_id)
             kind, params = job.kind, job.params
         log.info("job %s (%s) claimed by %s, attempt %d", job_id, kind, worker_id, token)
+        if self.settings.failpoints:  # tests: e.g. "job.claimed=kill", a worker that dies on every job
+            failpoints.hit(failpoints.parse(self.settings.failpoints), "job.claimed", token, log)
 
         ctx = JobContext(self.settings, self.sessions, self.storage, job_id, token, log, self.stopping, self.pipelines)
         heartbeat = Heartbeat(self.sessions, job_id, token, self.settings, ctx.lease_lost)

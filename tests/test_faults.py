@@ -1,0 +1,192 @@
+"""Fault injection through real processes on PostgreSQL and a Redis of the test's own
+(no persistence, on a free port, stopped and restarted at will). Each test's docstring
+says what it injects and what it checks. The reaper runs in beat (shared/reaper.py).
+
+tests/test_e2e.py has the others: a SIGKILLed worker resuming from its checkpoint,
+SIGTERM re-queueing a training job, and cancel.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from shared.db import make_engine, make_sessionmaker, upgrade
+from shared.models import Job
+from tests.conftest import Services, free_port
+
+pytestmark = pytest.mark.e2e
+
+PLOT = {"kind": "ddpm.schedule_plot", "params": {"image_size": 16, "num_timesteps_shown": 2}}
+FAST_REAPER = {"beat_interval_s": 0.3, "lease_s": 2.0, "heartbeat_s": 0.5}
+
+
+class OwnRedis:
+    """redis-server on a free loopback port, with no persistence: a restart loses
+    every queued message, as a Redis without AOF does."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout != b"PONG\n":
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    if not Path("/usr/bin/redis-server").exists() and subprocess.run(["which", "redis-server"]).returncode:
+        pytest.skip("redis-server is not installed")
+    redis = OwnRedis(tmp_path)
+    yield redis
+    if redis.proc and redis.proc.poll() is None:
+        redis.kill()
+
+
+@pytest.fixture
+def faults(tmp_path, sqlite_settings, pg_url, own_redis):
+    """Settings on Postgres and the test's Redis; Services started by the test."""
+    upgrade(pg_url)
+    settings = replace(sqlite_settings, database_url=pg_url, broker_url=own_redis.url, **FAST_REAPER)
+    started: list[Services] = []
+
+    def services(**overrides) -> Services:
+        svc = Services(replace(settings, **overrides), tmp_path)
+        started.append(svc)
+        return svc
+
+    yield services
+    for svc in started:
+        svc.stop()
+
+
+def row(svc: Services, job_id: str) -> Job:
+    with make_sessionmaker(make_engine(svc.settings.database_url))() as session:
+        return session.get(Job, job_id)
+
+
+def wait(what: str, predicate, timeout_s: float, svc: Services):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {n}\n{svc.log(n)}" for n in svc.procs)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def test_a_job_that_kills_every_worker_fails_after_max_attempts(faults, own_redis):
+    """Inject: a failpoint SIGKILLs the worker as soon as it claims the job, on every
+    attempt; a new worker is started after each death. Check: the reaper re-queues the
+    job twice, then fails it with "worker lost 3 times"; a fourth worker does not get
+    it (no loop)."""
+    own_redis.start()
+    svc = faults(max_attempts=3, failpoints="job.claimed=kill")
+    svc.start_web()
+    svc.start("beat", ["beat"])
+    job_id = svc.api("POST", "/jobs", json=PLOT).json()["id"]
+    workers = 0
+    deadline = time.monotonic() + 120
+    while row(svc, job_id).status != "failed":
+        assert time.monotonic() < deadline, "\n".join(svc.log(n) for n in svc.procs)
+        alive = [p for n, p in svc.procs.items() if n.startswith("worker") and p.poll() is None]
+        if not alive and row(svc, job_id).status == "queued":  # re-queued by the reaper: another worker
+            assert workers < 3, "re-queued after its third lost worker"
+            workers += 1
+            svc.start_worker(f"worker{workers}")
+        time.sleep(0.2)
+    job = row(svc, job_id)
+    assert (job.attempt, job.worker_lost) == (3, 3)
+    assert job.error.startswith("worker lost 3 times (max_attempts 3)")
+    assert workers == 3
+    for n in (1, 2, 3):
+        assert "failpoint job.claimed" in svc.log(f"worker{n}")
+
+    svc.env["DIFFQUEUE_FAILPOINTS"] = ""
+    svc.start_worker("worker4")
+    time.sleep(3)
+    assert svc.procs["worker4"].poll() is None
+    assert row(svc, job_id).status == "failed" and "claimed by" not in svc.log("worker4")
+
+
+def test_submit_while_redis_is_down_is_accepted_and_runs_once_it_is_back(faults, own_redis):
+    """Inject: Redis is not running when the job is submitted. Check: the API answers
+    202, the row is committed unpublished, /healthz reports the broker down; once Redis
+    is up the reaper publishes it and a worker runs it, once."""
+    svc = faults()
+    svc.start("web", ["web", "--host", "127.0.0.1", "--port", str(svc.port), "--workers", "1"])
+    wait("web to answer", lambda: _answers(svc), 60, svc)
+    health = svc.api("GET", "/healthz")
+    assert health.status_code == 503 and health.json()["checks"]["broker"]["ok"] is False
+
+    resp = svc.api("POST", "/jobs", json=PLOT)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    assert (row(svc, job_id).status, row(svc, job_id).published_at) == ("queued", None)
+
+    own_redis.start()
+    svc.start("beat", ["beat"])
+    svc.start_worker()
+    job = svc.wait_finished(job_id, timeout_s=120)
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+    assert row(svc, job_id).publish_count >= 1
+    assert svc.api("GET", "/healthz").status_code == 200
+
+
+def _answers(svc: Services) -> bool:
+    try:
+        svc.api("GET", "/kinds")
+        return True
+    except Exception:
+        return False
+
+
+def test_redis_restarted_without_persistence_loses_no_job(faults, own_redis):
+    """Inject: SIGKILL Redis (no AOF, no RDB) while one job runs and two wait in its
+    queue, then start an empty Redis on the same port. Check: the running job finishes,
+    the reaper publishes the two lost messages again, the worker resumes consuming after
+    its reconnect, and every job ends succeeded, each run once."""
+    own_redis.start()
+    svc = faults(republish_after_s=3.0)
+    svc.start_web()
+    svc.start("beat", ["beat"])
+    svc.start_worker()
+    long = {"kind": "ddpm.train", "params": {"preset": "tiny", "max_steps": 60, "sample_steps": 2, "num_samples": 2}}
+    running = svc.api("POST", "/jobs", json=long).json()["id"]
+    waiting = [svc.api("POST", "/jobs", json=PLOT).json()["id"] for _ in range(2)]
+    svc.wait_for(running, lambda j: j["status"] == "running" and j["progress"]["step"] > 0, what="training to run")
+
+    own_redis.kill()
+    time.sleep(1)
+    own_redis.start()  # empty: the two queued messages are gone
+
+    for job_id in [running, *waiting]:
+        job = svc.wait_finished(job_id, timeout_s=180)
+        assert job["status"] == "succeeded", (job_id, job["error"])
+        assert job["attempt"] == 1, job_id
+    assert all(row(svc, j).publish_count >= 2 for j in waiting)  # published again by the reaper
+    # The worker is still consuming: a new job runs too.
+    after = svc.api("POST", "/jobs", json=PLOT).json()["id"]
+    assert svc.wait_finished(after, timeout_s=120)["status"] == "succeeded"
+    assert os.path.exists(svc.logdir / "worker.log")
