@@ -194,17 +194,26 @@ class Services:
         return requests.request(method, f"{self.url}/api/v1{path}", timeout=30, **kw)
 
     def wait_for(self, job_id: str, predicate, timeout_s: float = 180, what: str = "condition") -> dict:
+        def check():
+            job = self.api("GET", f"/jobs/{job_id}").json()
+            return job if predicate(job) else None
+
+        return self.wait_until(f"{what} on job {job_id}", check, timeout_s)
+
+    def wait_until(self, what: str, predicate, timeout_s: float = 120, check_alive: bool = True):
+        """Poll `predicate` until it returns something truthy; fail with every log if it
+        never does, or (with `check_alive`) as soon as a process has exited."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            job = self.api("GET", f"/jobs/{job_id}").json()
-            if predicate(job):
-                return job
+            value = predicate()
+            if value:
+                return value
             for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise AssertionError(f"{name} exited ({proc.returncode}) while waiting:\n{self.log(name)}")
+                if check_alive and proc.poll() is not None:
+                    raise AssertionError(f"{name} exited ({proc.returncode}) while waiting for {what}:\n{self.log(name)}")
             time.sleep(0.2)
         logs = "\n".join(f"--- {n}\n{self.log(n)}" for n in self.procs)
-        raise AssertionError(f"timed out waiting for {what} on job {job_id}: {job}\n{logs}")
+        raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
     def wait_finished(self, job_id: str, timeout_s: float = 180) -> dict:
         return self.wait_for(job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout_s,

@@ -28,19 +28,6 @@ def scheduled_jobs(svc: Services, schedule_id: str) -> list[dict]:
     return svc.api("GET", f"/schedules/{schedule_id}/jobs?limit=200").json()["jobs"]
 
 
-def wait_until(what: str, predicate, timeout_s: float, svc: Services):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        for name, proc in svc.procs.items():
-            assert proc.poll() is None, f"{name} exited:\n{svc.log(name)}"
-        time.sleep(0.2)
-    logs = "\n".join(f"--- {n}\n{svc.log(n)}" for n in svc.procs)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
-
-
 def test_a_schedule_fires_in_real_time_through_beat_and_a_worker(sqlite_settings, start_services):
     svc = start_services(replace(sqlite_settings, **FAST))
     svc.start("beat", ["beat", "--loglevel", "info"])
@@ -51,7 +38,7 @@ def test_a_schedule_fires_in_real_time_through_beat_and_a_worker(sqlite_settings
         done = [j for j in scheduled_jobs(svc, schedule["id"]) if j["status"] == "succeeded"]
         return done if len(done) >= 2 else None
 
-    done = wait_until("two scheduled jobs to succeed", two_succeeded, 90, svc)
+    done = svc.wait_until("two scheduled jobs to succeed", two_succeeded, 90)
     times = sorted(datetime.fromisoformat(j["scheduled_for"]) for j in done)
     assert all(t.second % 2 == 0 and t.microsecond == 0 for t in times), times  # on the occurrences
     assert len(set(times)) == len(times)
@@ -77,7 +64,7 @@ def test_two_beats_on_postgres_enqueue_each_occurrence_once(tmp_path, sqlite_set
                                                        "max_concurrent": 100}).json()
         svc.start("beat-1", ["beat"])
         svc.start("beat-2", ["beat"])
-        wait_until("8 occurrences", lambda: len(scheduled_jobs(svc, schedule["id"])) >= 8, 60, svc)
+        svc.wait_until("8 occurrences", lambda: len(scheduled_jobs(svc, schedule["id"])) >= 8, 60)
         svc.api("PATCH", f"/schedules/{schedule['id']}", json={"enabled": False})
         time.sleep(1)  # a tick already past its read finishes; the pause stops the rest
         for name in ("beat-1", "beat-2"):

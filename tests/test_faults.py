@@ -7,7 +7,6 @@ SIGTERM re-queueing a training job, and cancel.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -85,17 +84,6 @@ def row(svc: Services, job_id: str) -> Job:
         return session.get(Job, job_id)
 
 
-def wait(what: str, predicate, timeout_s: float, svc: Services):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    logs = "\n".join(f"--- {n}\n{svc.log(n)}" for n in svc.procs)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
-
-
 def test_a_job_that_kills_every_worker_fails_after_max_attempts(faults, own_redis):
     """Inject: a failpoint SIGKILLs the worker as soon as it claims the job, on every
     attempt; a new worker is started after each death. Check: the reaper re-queues the
@@ -136,7 +124,7 @@ def test_submit_while_redis_is_down_is_accepted_and_runs_once_it_is_back(faults,
     is up the reaper publishes it and a worker runs it, once."""
     svc = faults()
     svc.start("web", ["web", "--host", "127.0.0.1", "--port", str(svc.port), "--workers", "1"])
-    wait("web to answer", lambda: _answers(svc), 60, svc)
+    svc.wait_until("web to answer", lambda: _answers(svc), 60)
     health = svc.api("GET", "/healthz")
     assert health.status_code == 503 and health.json()["checks"]["broker"]["ok"] is False
 
@@ -189,4 +177,3 @@ def test_redis_restarted_without_persistence_loses_no_job(faults, own_redis):
     # The worker is still consuming: a new job runs too.
     after = svc.api("POST", "/jobs", json=PLOT).json()["id"]
     assert svc.wait_finished(after, timeout_s=120)["status"] == "succeeded"
-    assert os.path.exists(svc.logdir / "worker.log")
