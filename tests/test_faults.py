@@ -177,3 +177,80 @@ def test_redis_restarted_without_persistence_loses_no_job(faults, own_redis):
     # The worker is still consuming: a new job runs too.
     after = svc.api("POST", "/jobs", json=PLOT).json()["id"]
     assert svc.wait_finished(after, timeout_s=120)["status"] == "succeeded"
+
+
+def test_postgres_connections_dropped_mid_job_reconnect(faults, own_redis):
+    """Inject: pg_terminate_backend on every connection of the worker, web and beat,
+    three times while a training job writes progress, artifacts and heartbeats. Check:
+    the job completes once (attempt 1) with its artifacts."""
+    import psycopg
+
+    own_redis.start()
+    svc = faults(progress_interval_s=0.0)
+    svc.start_web()
+    svc.start("beat", ["beat"])
+    svc.start_worker()
+    params = {"preset": "tiny", "max_steps": 120, "sample_every": 40, "sample_steps": 2, "num_samples": 2}
+    job_id = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": params}).json()["id"]
+    svc.wait_for(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0, what="training to run")
+    dsn = svc.settings.database_url.replace("postgresql+psycopg://", "postgresql://")
+    terminated = 0
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        for _ in range(3):
+            terminated += sum(r[0] for r in admin.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall())
+            time.sleep(1.0)
+    assert terminated >= 3
+    job = svc.wait_finished(job_id, timeout_s=180)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempt"] == 1
+    assert {"samples/step-000040.png", "samples/step-000080.png", "loss.png", "samples.png"} <= {
+        a["name"] for a in job["artifacts"]}
+
+
+def test_a_message_outliving_the_visibility_timeout_runs_once(faults, own_redis):
+    """Inject: a visibility timeout of 2 s, shorter than the job, and a second idle
+    worker: Redis hands the unacknowledged message to it while the first still runs.
+    Check: the second delivery finds the lease live and exits without side effects;
+    the job runs once (attempt 1)."""
+    own_redis.start()
+    svc = faults(visibility_timeout_s=2)
+    svc.start_web()
+    svc.start_worker("worker1")
+    params = {"preset": "tiny", "max_steps": 80, "sample_steps": 2, "num_samples": 2}
+    job_id = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": params}).json()["id"]
+    svc.wait_for(job_id, lambda j: j["status"] == "running", what="the first worker to run it")
+    svc.start_worker("worker2")
+    job = svc.wait_finished(job_id, timeout_s=180)
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+    svc.wait_until("the redelivery to be dropped", lambda: "not claimable" in svc.log("worker2"), 60)
+    assert "claimed by" not in svc.log("worker2")
+    names = [a["name"] for a in job["artifacts"]]
+    assert len(names) == len(set(names))
+
+
+def test_cancel_a_running_sampling_job(faults, own_redis, tiny_ddpm_dir):
+    """Inject: cancel a ddpm.sample job mid-loop. Check: it stops within two steps of
+    the cancel (cooperative, at a step boundary), ends cancelled and is not re-queued
+    (the reaper is running), and the worker takes the next job."""
+    own_redis.start()
+    svc = faults(progress_interval_s=0.0, cancel_check_interval_s=0.0)
+    svc.start_web()
+    svc.start("beat", ["beat"])
+    svc.start_worker()
+    # The tiny model has 100 timesteps: 32 batches of 100 steps make a long loop.
+    params = {"model": "tiny-ddpm", "num_images": 64, "batch_size": 2, "steps": 100, "scheduler": "ddpm"}
+    job_id = svc.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": params}).json()["id"]
+    job = svc.wait_for(job_id, lambda j: j["status"] != "queued" and (j["progress"]["step"] or 0) >= 20, what="sampling")
+    assert job["status"] == "running", job["error"]
+    at_cancel = svc.api("POST", f"/jobs/{job_id}/cancel").json()["progress"]["step"]
+    job = svc.wait_finished(job_id, timeout_s=60)
+    assert job["status"] == "cancelled" and job["error"] == "cancelled by request"
+    assert job["progress"]["step"] - at_cancel <= 2, (at_cancel, job["progress"])
+    time.sleep(2)  # a few reaper ticks
+    again = svc.api("GET", f"/jobs/{job_id}").json()
+    assert (again["status"], again["attempt"]) == ("cancelled", 1)
+
+    following = svc.api("POST", "/jobs", json=PLOT).json()["id"]
+    assert svc.wait_finished(following, timeout_s=60)["status"] == "succeeded"
