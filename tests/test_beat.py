@@ -16,7 +16,7 @@ import pytest
 
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.models import Job
-from tests.conftest import Services
+from tests.conftest import Services, fresh_pg_database
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +52,13 @@ def test_a_schedule_fires_in_real_time_through_beat_and_a_worker(sqlite_settings
     time.sleep(3)
     assert len(scheduled_jobs(svc, schedule["id"])) == paused_with
     assert f"schedule {schedule['id']}: enqueued job" in svc.log("beat")
+
+
+@pytest.fixture
+def pg_url(request):
+    """A database of this test's own: the beats' reaper must not touch other tests' jobs."""
+    with fresh_pg_database("diffqueue_beat") as url:
+        yield url
 
 
 def test_two_beats_on_postgres_enqueue_each_occurrence_once(tmp_path, sqlite_settings, pg_url, redis_url):

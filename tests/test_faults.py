@@ -17,7 +17,7 @@ import pytest
 
 from shared.db import make_engine, make_sessionmaker, upgrade
 from shared.models import Job
-from tests.conftest import Services, free_port
+from tests.conftest import Services, free_port, fresh_pg_database
 
 pytestmark = pytest.mark.e2e
 
@@ -63,20 +63,23 @@ def own_redis(tmp_path):
 
 
 @pytest.fixture
-def faults(tmp_path, sqlite_settings, pg_url, own_redis):
-    """Settings on Postgres and the test's Redis; Services started by the test."""
-    upgrade(pg_url)
-    settings = replace(sqlite_settings, database_url=pg_url, broker_url=own_redis.url, **FAST_REAPER)
-    started: list[Services] = []
+def faults(tmp_path, sqlite_settings, own_redis):
+    """Settings on a Postgres database of this test's own (the reaper must see only
+    this test's jobs, not the expired leases other tests leave in the shared one) and
+    the test's Redis; Services started by the test."""
+    with fresh_pg_database("diffqueue_faults") as url:
+        upgrade(url)
+        settings = replace(sqlite_settings, database_url=url, broker_url=own_redis.url, **FAST_REAPER)
+        started: list[Services] = []
 
-    def services(**overrides) -> Services:
-        svc = Services(replace(settings, **overrides), tmp_path)
-        started.append(svc)
-        return svc
+        def services(**overrides) -> Services:
+            svc = Services(replace(settings, **overrides), tmp_path)
+            started.append(svc)
+            return svc
 
-    yield services
-    for svc in started:
-        svc.stop()
+        yield services
+        for svc in started:
+            svc.stop()
 
 
 def row(svc: Services, job_id: str) -> Job:
