@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Mapping
 
 DEFAULT_QUEUE = "gpu"
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used (the message says which and why)."""
+
 PREFIX = "DIFFQUEUE_"
 
 
@@ -52,6 +57,8 @@ class Settings:
     failpoints: str = ""
     # Where the CLI's client commands (submit, status, wait, download) find the API.
     api_url: str = "http://127.0.0.1:8000"
+    # ... and the API token they send when the service has auth on.
+    api_token: str = ""
     # Uploads (POST /api/v1/uploads): the request body, the images in a dataset zip,
     # their declared uncompressed total, pixels per image, and each member's
     # uncompressed/compressed ratio (a decompression-bomb guard).
@@ -71,6 +78,37 @@ class Settings:
     republish_after_s: float = 300.0
     schedule_min_interval_s: float = 60.0
     schedule_grace_s: float = 60.0
+    # Authentication (API tokens and web logins). Off is allowed only in the embedded
+    # single-user mode (a SQLite database); see `check()`.
+    auth_enabled: bool = True
+    # Rate limits (flask-limiter syntax), per user (or per address when signed out), kept in
+    # ratelimit_storage_url (Redis when the broker is Redis; memory:// otherwise); and the
+    # most queued jobs one user may have. A refusal is a 429 with Retry-After.
+    rate_limit: str = "1200/minute"
+    rate_limit_submit: str = "120/minute"
+    rate_limit_login: str = "10/minute"
+    ratelimit_storage_url: str = "memory://"
+    max_queued_per_user: int = 500
+    # Request bodies other than uploads, JSON nesting, and multipart/form parts.
+    max_request_bytes: int = 1024 * 1024
+    max_json_depth: int = 20
+    max_form_parts: int = 200
+    # Hugging Face hub model ids a job may load: comma-separated fnmatch patterns.
+    hub_models_allow: str = "*"
+    # Webhooks: signed with webhook_secret (HMAC-SHA256) unless a job gives its own; a
+    # failed delivery is retried with backoff (webhook_backoff_s x 2^n) up to
+    # webhook_max_attempts times; progress events at most every webhook_progress_interval_s.
+    # Private, loopback and link-local addresses are refused unless webhook_allow_private.
+    webhook_secret: str = ""
+    webhook_max_attempts: int = 6
+    webhook_backoff_s: float = 2.0
+    webhook_timeout_s: float = 10.0
+    webhook_progress_interval_s: float = 30.0
+    webhook_allow_private: bool = False
+    # Retention: finished jobs (not pinned) older than retention_days are deleted with their
+    # artifacts, checked every retention_interval_s by beat. 0 keeps everything.
+    retention_days: float = 30.0
+    retention_interval_s: float = 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -84,10 +122,12 @@ class Settings:
         models_dir = get("MODELS_DIR")
         cache_dir = get("CACHE_DIR")
         threads = get("TORCH_THREADS")
+        database_url = get("DATABASE_URL", defaults.database_url)
+        broker_url = get("BROKER_URL", defaults.broker_url)
         return replace(
             defaults,
-            database_url=get("DATABASE_URL", defaults.database_url),
-            broker_url=get("BROKER_URL", defaults.broker_url),
+            database_url=database_url,
+            broker_url=broker_url,
             storage_url=get("STORAGE_URL", defaults.storage_url),
             models_dir=Path(models_dir) if models_dir else defaults.models_dir,
             s3_endpoint_url=get("S3_ENDPOINT_URL") or None,
@@ -101,6 +141,7 @@ class Settings:
             torch_threads=int(threads) if threads else None,
             csrf_enabled=_bool(get("CSRF", "1")),
             api_url=get("URL", defaults.api_url),
+            api_token=get("TOKEN", defaults.api_token),
             lease_s=float(get("LEASE_S", defaults.lease_s)),
             heartbeat_s=float(get("HEARTBEAT_S", defaults.heartbeat_s)),
             visibility_timeout_s=int(get("VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s)),
@@ -118,6 +159,27 @@ class Settings:
             republish_after_s=float(get("REPUBLISH_AFTER_S", defaults.republish_after_s)),
             schedule_min_interval_s=float(get("SCHEDULE_MIN_INTERVAL_S", defaults.schedule_min_interval_s)),
             schedule_grace_s=float(get("SCHEDULE_GRACE_S", defaults.schedule_grace_s)),
+            auth_enabled=_bool(get("AUTH", "off" if database_url.startswith("sqlite") else "on")),
+            rate_limit=get("RATE_LIMIT", defaults.rate_limit),
+            rate_limit_submit=get("RATE_LIMIT_SUBMIT", defaults.rate_limit_submit),
+            rate_limit_login=get("RATE_LIMIT_LOGIN", defaults.rate_limit_login),
+            ratelimit_storage_url=get("RATELIMIT_STORAGE_URL")
+            or (broker_url if broker_url.startswith(("redis://", "rediss://")) else defaults.ratelimit_storage_url),
+            max_queued_per_user=int(get("MAX_QUEUED_PER_USER", defaults.max_queued_per_user)),
+            max_request_bytes=int(get("MAX_REQUEST_BYTES", defaults.max_request_bytes)),
+            max_json_depth=int(get("MAX_JSON_DEPTH", defaults.max_json_depth)),
+            max_form_parts=int(get("MAX_FORM_PARTS", defaults.max_form_parts)),
+            hub_models_allow=get("HUB_MODELS_ALLOW", defaults.hub_models_allow),
+            webhook_secret=get("WEBHOOK_SECRET", defaults.webhook_secret),
+            webhook_max_attempts=int(get("WEBHOOK_MAX_ATTEMPTS", defaults.webhook_max_attempts)),
+            webhook_backoff_s=float(get("WEBHOOK_BACKOFF_S", defaults.webhook_backoff_s)),
+            webhook_timeout_s=float(get("WEBHOOK_TIMEOUT_S", defaults.webhook_timeout_s)),
+            webhook_progress_interval_s=float(
+                get("WEBHOOK_PROGRESS_INTERVAL_S", defaults.webhook_progress_interval_s)
+            ),
+            webhook_allow_private=_bool(get("WEBHOOK_ALLOW_PRIVATE", "0")),
+            retention_days=float(get("RETENTION_DAYS", defaults.retention_days)),
+            retention_interval_s=float(get("RETENTION_INTERVAL_S", defaults.retention_interval_s)),
         )
 
     @classmethod
@@ -130,7 +192,16 @@ class Settings:
             storage_url=(data_dir / "artifacts").as_uri(),
             models_dir=data_dir / "models",
             cache_dir=data_dir / "cache",
+            auth_enabled=False,
         )
+
+    def check(self) -> None:
+        """Refuse settings that are unsafe together (called by every entry point)."""
+        if not self.auth_enabled and not self.database_url.startswith("sqlite"):
+            raise ConfigError(
+                "DIFFQUEUE_AUTH=off is allowed only in the embedded single-user mode (a SQLite database); "
+                f"this one uses {self.database_url.split(':', 1)[0]}"
+            )
 
     def as_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
@@ -160,6 +231,25 @@ class Settings:
             "REPUBLISH_AFTER_S": str(self.republish_after_s),
             "SCHEDULE_MIN_INTERVAL_S": str(self.schedule_min_interval_s),
             "SCHEDULE_GRACE_S": str(self.schedule_grace_s),
+            "AUTH": "on" if self.auth_enabled else "off",
+            "TOKEN": self.api_token,
+            "RATE_LIMIT": self.rate_limit,
+            "RATE_LIMIT_SUBMIT": self.rate_limit_submit,
+            "RATE_LIMIT_LOGIN": self.rate_limit_login,
+            "RATELIMIT_STORAGE_URL": self.ratelimit_storage_url,
+            "MAX_QUEUED_PER_USER": str(self.max_queued_per_user),
+            "MAX_REQUEST_BYTES": str(self.max_request_bytes),
+            "MAX_JSON_DEPTH": str(self.max_json_depth),
+            "MAX_FORM_PARTS": str(self.max_form_parts),
+            "HUB_MODELS_ALLOW": self.hub_models_allow,
+            "WEBHOOK_SECRET": self.webhook_secret,
+            "WEBHOOK_MAX_ATTEMPTS": str(self.webhook_max_attempts),
+            "WEBHOOK_BACKOFF_S": str(self.webhook_backoff_s),
+            "WEBHOOK_TIMEOUT_S": str(self.webhook_timeout_s),
+            "WEBHOOK_PROGRESS_INTERVAL_S": str(self.webhook_progress_interval_s),
+            "WEBHOOK_ALLOW_PRIVATE": "1" if self.webhook_allow_private else "0",
+            "RETENTION_DAYS": str(self.retention_days),
+            "RETENTION_INTERVAL_S": str(self.retention_interval_s),
         }
         optional = {
             "MODELS_DIR": self.models_dir,

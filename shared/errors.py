@@ -17,6 +17,10 @@ class SpecError(DiffqueueError):
         self.fields = fields or {}
 
 
+class TooLarge(SpecError):
+    """A request body or an upload over its size bound (answered 413); `fields` names it."""
+
+
 class UnknownKind(SpecError):
     """The job kind is not one this service runs."""
 
@@ -49,9 +53,26 @@ class ModelNotFound(DiffqueueError):
     """A model reference resolved to nothing."""
 
 
+class UnsafeWeights(DiffqueueError):
+    """A model has no safetensors weights (only pickled ones, such as `.bin`), and
+    only safetensors are loaded."""
+
+
 class UploadNotFound(DiffqueueError):
     """An `upload:<id>` reference resolved to nothing, or to an upload of another kind."""
 
 
 class ScheduleNotFound(DiffqueueError):
     """No schedule with that id."""
+
+
+class AuthError(DiffqueueError):
+    """No such user or token, or not the viewer's to change."""
+
+
+class QuotaExceeded(DiffqueueError):
+    """The owner already has as many queued jobs as allowed; try again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -119,10 +119,22 @@ class Job(Base):
         ForeignKey("schedules.id", ondelete="SET NULL"), nullable=True, index=True
     )
     scheduled_for: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    # The user who owns it (None: made with auth off, in the embedded single-user mode).
+    owner_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    # A pinned job is never deleted by retention.
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Webhook: POSTed on the events listed (started, progress, completed), signed with
+    # HMAC-SHA256 using webhook_secret (or the server's). The secret is never shown back.
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    webhook_events: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    webhook_secret: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
     artifacts: Mapped[list["Artifact"]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Artifact.name"
     )
+    owner: Mapped["User | None"] = relationship()
 
     @property
     def job_status(self) -> JobStatus:
@@ -162,6 +174,11 @@ class Upload(Base):
     # dataset: num_images, classes, uncompressed_bytes; image: width, height, mode; prompts: num_prompts
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
+    # The user who owns it (None: made with auth off, in the embedded single-user mode).
+    owner_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    owner: Mapped["User | None"] = relationship()
 
 
 class MissedRuns(str, enum.Enum):
@@ -204,5 +221,66 @@ class Schedule(Base):
     last_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     skipped_runs: Mapped[int] = mapped_column(Integer, default=0)
     last_skip_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The user who owns it (None: made with auth off, in the embedded single-user mode).
+    owner_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    owner: Mapped["User | None"] = relationship()
+    # Webhook: POSTed on each of its jobs' events listed (started, progress, completed), signed with
+    # HMAC-SHA256 using webhook_secret (or the server's). The secret is never shown back.
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    webhook_events: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    webhook_secret: Mapped[str | None] = mapped_column(String(256), nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class User(Base):
+    """Someone who signs in (web, with a password) or calls the API (with a token)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # werkzeug's salted hash; None: this user signs in with API tokens only.
+    password_hash: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+
+
+class ApiToken(Base):
+    """An API token: shown once when created, stored as its SHA-256."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # The first characters, so a user can tell their tokens apart in a listing.
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+
+    user: Mapped[User] = relationship()
+
+
+class WebhookDelivery(Base):
+    """One webhook event for a job: an outbox row written with the status change it
+    reports, sent (and retried with backoff) by beat, and kept as the job's delivery log."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)

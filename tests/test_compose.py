@@ -51,3 +51,9 @@ def test_beat_runs_diffqueue_beat_once_the_database_is_migrated():
     assert beat["deploy"]["replicas"] == 1
     assert beat["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert beat["environment"]["DIFFQUEUE_DATABASE_URL"].startswith("postgresql")
+
+
+def test_auth_is_on_and_rate_limits_count_in_redis():
+    env = _load_compose()["x-diffqueue-env"]
+    assert env["DIFFQUEUE_AUTH"] == "on"
+    assert env["DIFFQUEUE_RATELIMIT_STORAGE_URL"].startswith("redis://redis:6379/")
