@@ -157,6 +157,9 @@ class S3Storage:
         import boto3
         from botocore.config import Config
 
+        # A 500/503 or a dropped connection is retried with backoff, to the same key, up to
+        # 5 retries (botocore's `max_attempts` counts retries: 6 tries in all); then the
+        # error reaches the job (tests/test_s3_faults.py).
         config = Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"})
         self.bucket = bucket
         self.prefix = prefix.strip("/")

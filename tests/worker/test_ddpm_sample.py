@@ -189,19 +189,24 @@ def test_hub_id_unknown_to_the_hub_fails_with_a_clear_message(run_inline, monkey
             "id): RepositoryNotFoundError: 404 Repository Not Found") in job.error
 
 
-def test_hub_id_offline_loads_from_the_hf_cache(run_inline, tiny_ddpm_dir, monkeypatch, tmp_path):
-    """A hub pipeline already in the Hugging Face cache samples with HF_HUB_OFFLINE=1."""
+def offline_hub_cache_with(repo_id: str, folder: Path, monkeypatch, tmp_path) -> None:
+    """`folder` as hub repo `repo_id` in a Hugging Face cache of this test's own, with HF_HUB_OFFLINE=1."""
     import shutil
 
     import huggingface_hub
 
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf-cache" / "models--acme--cached-ddpm"
-    shutil.copytree(tiny_ddpm_dir, repo / "snapshots" / commit)
+    repo = tmp_path / "hf-cache" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_hub_id_offline_loads_from_the_hf_cache(run_inline, tiny_ddpm_dir, monkeypatch, tmp_path):
+    """A hub pipeline already in the Hugging Face cache samples with HF_HUB_OFFLINE=1."""
+    offline_hub_cache_with("acme/cached-ddpm", tiny_ddpm_dir, monkeypatch, tmp_path)
     job = succeeded(run_inline("ddpm.sample", {"model": "acme/cached-ddpm", "num_images": 2, "steps": 2}))
     assert job.result["model_source"] == "hub" and job.result["image_size"] == [16, 16]
     local = succeeded(run_inline("ddpm.sample", {"model": "tiny-ddpm", "num_images": 2, "steps": 2}))
@@ -218,6 +223,34 @@ def test_hub_id_resolution_order(sqlite_settings):
     assert ctx.model_source("acme/local") == "local"
     assert ctx.model_source("google/ddpm-celebahq-256") == "hub"
     ctx.close()
+
+
+# ------------------------------------------------------------------ safe loading
+def test_pickled_weights_are_refused_and_the_same_model_in_safetensors_samples(
+    run_inline, tiny_ddpm_dir, monkeypatch, tmp_path
+):
+    """Weights that are only a pickle (`.bin`) fail the job, naming the model and the
+    file, from a local folder and from the hub cache; the same model in safetensors
+    (tiny_ddpm_dir) samples."""
+    from diffusers import DDPMPipeline
+
+    pickled = tiny_ddpm_dir.parent / "tiny-pickled"
+    DDPMPipeline.from_pretrained(tiny_ddpm_dir).save_pretrained(pickled, safe_serialization=False)
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file() and not list(pickled.rglob("*.safetensors"))
+    job = run_inline("ddpm.sample", {"model": "tiny-pickled", "num_images": 1, "steps": 2})
+    assert job.status == "failed" and not job.artifacts
+    assert ("UnsafeWeights: model tiny-pickled: its weights are pickled (unet/diffusion_pytorch_model.bin), and only "
+            "safetensors weights are loaded") in job.error
+
+    # The same pipeline as a hub repo already in the HF cache (offline): refused the same way.
+    offline_hub_cache_with("acme/pickled-ddpm", pickled, monkeypatch, tmp_path)
+    job = run_inline("ddpm.sample", {"model": "acme/pickled-ddpm", "num_images": 1, "steps": 2})
+    assert job.status == "failed"
+    assert ("UnsafeWeights: model acme/pickled-ddpm: its weights are pickled (unet/diffusion_pytorch_model.bin), and "
+            "only safetensors weights are loaded") in job.error
+
+    job = succeeded(run_inline("ddpm.sample", {"model": "tiny-ddpm", "num_images": 1, "steps": 2}))
+    assert pixels(job, "images/0000.png").shape == (16, 16, 3)
 
 
 # ------------------------------------------------------------------ spec errors

@@ -35,6 +35,10 @@ def names(job, prefix: str = "") -> list[str]:
     return sorted(a.name for a in job.artifacts if a.name.startswith(prefix))
 
 
+def checkpoint_names(*steps: int) -> list[str]:
+    return [f"checkpoints/step-{step:06d}.safetensors" for step in steps]
+
+
 def retry(settings, job_id: str) -> None:
     with session_scope(make_sessionmaker(make_engine(settings.database_url))) as session:
         jobs.retry(session, job_id)
@@ -43,20 +47,20 @@ def retry(settings, job_id: str) -> None:
 def test_retry_resumes_from_the_last_checkpoint_with_the_same_losses(run_inline, sqlite_settings):
     uninterrupted = run_inline("ddpm.train", RESUMABLE)
     assert uninterrupted.status == "succeeded", uninterrupted.traceback
-    assert names(uninterrupted, "checkpoints/") == ["checkpoints/step-000004.pt", "checkpoints/step-000006.pt"]
+    assert names(uninterrupted, "checkpoints/") == checkpoint_names(4, 6)
 
     # The first attempt dies right after checkpoint 4 is published.
     faulty = replace(sqlite_settings, failpoints="checkpoint.published@4=raise")
     job = run_inline("ddpm.train", RESUMABLE, settings=faulty)
     assert job.status == "failed" and "failpoint checkpoint.published@4" in job.error
-    assert names(job, "checkpoints/") == ["checkpoints/step-000002.pt", "checkpoints/step-000004.pt"]
+    assert names(job, "checkpoints/") == checkpoint_names(2, 4)
 
     retry(sqlite_settings, job.id)
     job = run_inline.again(job.id)
     assert job.status == "succeeded", job.traceback
     assert job.attempt == 2
     assert job.result["resumed_from_step"] == 4
-    assert names(job, "checkpoints/") == ["checkpoints/step-000004.pt", "checkpoints/step-000006.pt"]
+    assert names(job, "checkpoints/") == checkpoint_names(4, 6)
     assert len(names(job, "model/unet/")) == 2  # config + weights: one set
     # Steps 1-4 come from the checkpoint, 5-6 were trained after the resume; all
     # match the uninterrupted run (same seed, same data order, same noise).
@@ -71,7 +75,7 @@ def test_a_checkpoint_killed_while_writing_is_never_used(run_inline, sqlite_sett
     params = {**RESUMABLE, "use_ema": False, "gradient_accumulation_steps": 1}
     job = run_inline("ddpm.train", params, settings=replace(sqlite_settings, failpoints="checkpoint.writing@4=raise"))
     assert job.status == "failed"
-    assert names(job, "checkpoints/") == ["checkpoints/step-000002.pt"]
+    assert names(job, "checkpoints/") == checkpoint_names(2)
     retry(sqlite_settings, job.id)
     job = run_inline.again(job.id)
     assert job.status == "succeeded", job.traceback
@@ -85,11 +89,109 @@ def test_keep_limit_deletes_old_checkpoints_from_storage(run_inline, sqlite_sett
     job = run_inline("ddpm.train", {"preset": "tiny", "max_steps": 5, "checkpoint_every": 1, "checkpoints_keep": 2,
                                     "sample_steps": 2, "num_samples": 2})
     assert job.status == "succeeded", job.traceback
-    assert names(job, "checkpoints/") == ["checkpoints/step-000004.pt", "checkpoints/step-000005.pt"]
+    assert names(job, "checkpoints/") == checkpoint_names(4, 5)
     stored = make_storage(sqlite_settings).list(f"jobs/{job.id}/checkpoints/")
-    assert [k.rsplit("/", 1)[1] for k in stored] == ["step-000004.pt", "step-000005.pt"]
-    state = torch.load(io.BytesIO(job.read("checkpoints/step-000005.pt")), weights_only=True)
-    assert state["step"] == 5 and len(state["losses"]) == 5 and state["spec"]["max_steps"] == 5
+    assert [f"checkpoints/{k.rsplit('/', 1)[1]}" for k in stored] == checkpoint_names(4, 5)
+
+
+def test_a_checkpoint_is_a_safetensors_file_with_the_rest_in_its_metadata(run_inline, tmp_path):
+    from safetensors import safe_open
+
+    from worker import checkpoints
+
+    job = run_inline("ddpm.train", {**RESUMABLE, "max_steps": 2})
+    assert job.status == "succeeded", job.traceback
+    path = tmp_path / "step-000002.safetensors"
+    path.write_bytes(job.read("checkpoints/step-000002.safetensors"))
+    with safe_open(path, framework="pt", device="cpu") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+        rng = f.get_tensor("rng")
+    # Tensors keyed by their path in the state; everything else is JSON in the header.
+    assert {"model/conv_in.weight", "optimizer/state/0/exp_avg", "optimizer/state/0/step", "ema/shadow_params/0",
+            "rng"} <= keys
+    assert rng.dtype == torch.uint8
+    assert set(metadata) == {"format_version", "state"}
+    skeleton = json.loads(metadata["state"])
+    assert skeleton["step"] == 2 and len(skeleton["losses"]) == 2 and skeleton["spec"]["max_steps"] == 2
+    assert skeleton["model"]["conv_in.weight"] == {"$tensor": "model/conv_in.weight"}
+
+    # Read back, the state has the types the loaders check: int parameter numbers,
+    # tuples, floats that stay floats.
+    state = checkpoints.read(path)
+    assert sorted(state["optimizer"]["state"])[:2] == [0, 1]
+    assert isinstance(state["optimizer"]["param_groups"][0]["betas"], tuple)
+    assert isinstance(state["ema"]["decay"], float) and isinstance(state["ema"]["optimization_step"], int)
+    assert torch.equal(state["rng"], rng)
+
+
+def test_flatten_round_trips_and_refuses_what_json_cannot_hold():
+    from worker import checkpoints
+
+    state = {"a": {0: torch.arange(3), "x/y": (1.0, None, "s")}, "$odd": [True, {"k": torch.ones(2, 2)}],
+             "nan": float("nan")}
+    tensors, skeleton = checkpoints.flatten(state)
+    assert sorted(tensors) == ["$odd/1/k", "a/0"]
+    back = checkpoints.unflatten(json.loads(json.dumps(skeleton)), tensors)
+    assert back["a"]["x/y"] == (1.0, None, "s") and torch.equal(back["a"][0], torch.arange(3))
+    assert back["$odd"][0] is True and torch.equal(back["$odd"][1]["k"], torch.ones(2, 2))
+    assert back["nan"] != back["nan"]  # NaN survives (a diverged loss is still a loss)
+    with pytest.raises(TypeError, match="checkpoint: opt/fn is a function; only tensors and JSON values"):
+        checkpoints.flatten({"opt": {"fn": lambda: 0}})
+    with pytest.raises(ValueError, match="tensors that the skeleton does not mention"):
+        checkpoints.unflatten({"a": 1}, {"stray": torch.zeros(1)})
+
+
+def test_pickles_planted_as_checkpoints_are_never_loaded(run_inline, sqlite_settings, tmp_path, monkeypatch, caplog):
+    """Only `step-N.safetensors` files are candidates, and they are read by
+    safetensors alone: a `.pt` with a newer step, valid for torch.load, is ignored,
+    and a pickle named like a checkpoint is unreadable, so the resume falls back."""
+    import pickle
+
+    from shared.models import Artifact
+    from shared.storage import job_key, make_storage
+    from worker import checkpoints
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:  # runs code when unpickled, as a hostile pickle would
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('code ran')",)
+
+    evil = pickle.dumps(Payload())
+    pickle.loads(evil)  # the payload is live: unpickling it does write the marker
+    assert marker.read_text() == "code ran"
+    marker.unlink()
+
+    params = {**RESUMABLE, "use_ema": False, "gradient_accumulation_steps": 1}
+    job = run_inline("ddpm.train", params, settings=replace(sqlite_settings, failpoints="checkpoint.writing@4=raise"))
+    assert job.status == "failed" and names(job, "checkpoints/") == checkpoint_names(2)
+    real = tmp_path / "real.safetensors"
+    real.write_bytes(job.read("checkpoints/step-000002.safetensors"))
+    state = checkpoints.read(real)
+    pt = tmp_path / "step-000005.pt"
+    torch.save({**state, "step": 5, "losses": state["losses"] + [0.1] * 3}, pt)
+    assert torch.load(pt, weights_only=True)["step"] == 5  # what the old loader would have resumed from
+    planted = {"checkpoints/step-000005.pt": pt.read_bytes(), "checkpoints/step-000003.safetensors": evil}
+    storage = make_storage(sqlite_settings)
+    with session_scope(make_sessionmaker(make_engine(sqlite_settings.database_url))) as session:
+        for name, data in planted.items():
+            storage.put_bytes(job_key(job.id, name), data, "application/octet-stream")
+            session.add(Artifact(job_id=job.id, name=name, kind="checkpoint", content_type="application/octet-stream",
+                                 size=len(data), sha256="0" * 64, meta={}))
+
+    torch_loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: torch_loads.append(a) or real_load(*a, **kw))
+    retry(sqlite_settings, job.id)
+    job = run_inline.again(job.id)
+    assert job.status == "succeeded", job.traceback
+    assert job.result["resumed_from_step"] == 2
+    assert not marker.exists() and torch_loads == []
+    assert "checkpoint checkpoints/step-000003.safetensors is unreadable" in caplog.text
+    assert "checkpoints/step-000005.pt is not a step-N.safetensors checkpoint; it is never loaded" in caplog.text
+    # The planted pickle was pruned with the real ones; the .pt is not a checkpoint, so it stays untouched.
+    assert names(job, "checkpoints/") == [*checkpoint_names(4), "checkpoints/step-000005.pt",
+                                          *checkpoint_names(6)]
 
 
 def test_samples_every_n_steps_and_metrics(run_inline):

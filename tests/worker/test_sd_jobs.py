@@ -156,3 +156,38 @@ def test_unknown_models_fail_fast_and_clearly(run_inline, tiny_sd_dir, monkeypat
     job = run_inline("sd.txt2img", {**BASE, "model": "nobody/no-such-sd", "prompts": ["a rose"]})
     assert job.status == "failed"
     assert "model nobody/no-such-sd could not be loaded from the Hugging Face hub" in job.error
+
+
+def pickle_only(component_dir, filename: str) -> None:
+    """Leave a component with its weights only as a pickle, as save_pretrained(safe_serialization=False)
+    writes them (transformers 5 can no longer write that format, so it is done by hand)."""
+    import torch
+    from safetensors.torch import load_file
+
+    [weights] = component_dir.glob("*.safetensors")
+    torch.save(load_file(weights), component_dir / filename)
+    weights.unlink()
+
+
+@pytest.mark.parametrize("component, filename", [
+    ("unet", "diffusion_pytorch_model.bin"),
+    ("vae", "diffusion_pytorch_model.bin"),
+    ("text_encoder", "pytorch_model.bin"),
+])
+def test_a_component_with_pickled_weights_fails_the_job_naming_it(run_inline, tiny_sd_dir, component, filename):
+    pickle_only(tiny_sd_dir / component, filename)
+    job = run_inline("sd.txt2img", {**BASE, "prompts": ["a rose"]})
+    assert job.status == "failed" and not job.artifacts
+    assert (f"UnsafeWeights: model tiny-sd: its weights are pickled ({component}/{filename}), and only safetensors "
+            "weights are loaded") in job.error
+
+
+def test_a_pickled_replacement_vae_fails_the_job_naming_it(run_inline, tiny_sd_dir):
+    import shutil
+
+    shutil.copytree(tiny_sd_dir / "vae", tiny_sd_dir.parent / "tiny-vae")
+    pickle_only(tiny_sd_dir.parent / "tiny-vae", "diffusion_pytorch_model.bin")
+    job = run_inline("sd.txt2img", {**BASE, "vae": "tiny-vae", "prompts": ["a rose"]})
+    assert job.status == "failed"
+    assert ("UnsafeWeights: vae tiny-vae: its weights are pickled (diffusion_pytorch_model.bin), and only safetensors "
+            "weights are loaded") in job.error

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from shared.specs import DDPMSampleSpec
+from worker import weights
 from worker.context import JobContext
 from worker.diffusion import color_loss, ddpm_denoise, image_generators, make_grid, preview_figure, to_pil
 
@@ -31,7 +32,11 @@ def load_pipeline(ref: str, folder: Path) -> tuple[DDPMPipeline, list[str] | Non
     name = json.loads(index.read_text()).get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"model {ref} is a {name}; ddpm.sample samples from {' or '.join(PIPELINES)} models")
-    pipe = DDPMPipeline.from_pretrained(folder)
+    try:
+        pipe = DDPMPipeline.from_pretrained(folder, use_safetensors=True)  # never unpickle a model's .bin
+    except Exception as exc:
+        weights.raise_if_refused(f"model {ref}", folder, exc)
+        raise
     class_names = None
     if (folder / CLASS_NAMES_FILE).is_file():
         class_names = json.loads((folder / CLASS_NAMES_FILE).read_text())

@@ -7,7 +7,7 @@ checkpoints that a re-run resumes from, and sample grids along the way.
 
 Outputs: `model/` (a DDPMPipeline folder in safetensors, plus `class_names.json`
 when class-conditioned), `loss.csv`, `loss.png`, `samples.png`,
-`samples/step-000500.png`, `checkpoints/step-000500.pt` and `metrics.json`.
+`samples/step-000500.png`, `checkpoints/step-000500.safetensors` and `metrics.json`.
 
 All randomness in the loop (data order, flips, noise, timesteps) comes from
 generators seeded from `seed` whose state is checkpointed, so a resumed run
@@ -175,6 +175,7 @@ def run(spec: DDPMTrainSpec, ctx: JobContext) -> dict:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+            ema.to(device)  # the checkpoint is read onto the CPU; EMA steps next to the weights
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
         rng.set_state(state["rng"])
