@@ -2,7 +2,10 @@
 django-celery-beat's DatabaseScheduler. Its one periodic entry runs in the beat
 process every `beat_interval_s`: the schedules tick (`shared.schedules.tick`: due
 schedules become job rows and `diffqueue.run_job` messages), then the reaper
-(`shared.reaper.reap`: jobs of dead workers re-queued, lost messages re-published).
+(`shared.reaper.reap`: jobs of dead workers re-queued, lost messages re-published),
+then the webhook deliveries due (`shared.webhooks.deliver_due`), and every
+`retention_interval_s` retention (`shared.retention.cleanup`: old finished jobs and
+unused uploads deleted, objects first).
 
 Running two beats by mistake is safe: the tick locks each due schedule (see
 shared/schedules.py), so an occurrence is enqueued once.
@@ -10,13 +13,15 @@ shared/schedules.py), so an occurrence is enqueued once.
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import Celery, beat
 
-from shared import reaper, schedules
+from shared import reaper, retention, schedules, webhooks
 from shared.broker import make_producer
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
+from shared.storage import make_storage
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,8 @@ class ScheduleTicker(beat.Scheduler):
     def __init__(self, app: Celery, *args, **kwargs):
         self.settings: Settings = app.conf.diffqueue_settings
         self.sessions = make_sessionmaker(make_engine(self.settings.database_url))
+        self.storage = make_storage(self.settings)
+        self.retention_due = 0.0  # time.monotonic() of the next retention run: the first tick
         super().__init__(app, *args, **kwargs)
         self.max_interval = self.settings.beat_interval_s
 
@@ -34,7 +41,7 @@ class ScheduleTicker(beat.Scheduler):
         """No static entries: the tick reads the schedules table."""
 
     def tick(self, *args, **kwargs) -> float:
-        """Enqueue what is due, then reap; return the seconds until the next tick.
+        """Enqueue what is due, reap, send webhooks; return the seconds until the next tick.
         A failure (the database or broker away) is logged, and the next tick tries again."""
         try:
             for job in schedules.tick(self.sessions, self.app, self.settings):
@@ -45,11 +52,31 @@ class ScheduleTicker(beat.Scheduler):
             reaper.reap(self.sessions, self.app, self.settings)
         except Exception:
             log.exception("reaper failed; trying again in %g s", self.settings.beat_interval_s)
+        try:
+            # No new send after one tick interval: slow receivers delay the next tick by one send at most.
+            webhooks.deliver_due(self.sessions, self.settings, budget_s=self.settings.beat_interval_s)
+        except Exception:
+            log.exception("webhook delivery failed; trying again in %g s", self.settings.beat_interval_s)
+        self.run_retention()
         return self.settings.beat_interval_s
+
+    def run_retention(self) -> None:
+        """Retention, once per retention_interval_s. Each run is bounded by the tick
+        interval so schedules and the reaper are never held up; a run that stopped at its
+        budget with more to delete goes on at the next tick."""
+        if time.monotonic() < self.retention_due:
+            return
+        wait = self.settings.retention_interval_s
+        try:
+            if retention.cleanup(self.sessions, self.storage, self.settings, budget_s=self.settings.beat_interval_s).more:
+                wait = 0.0
+        except Exception:
+            log.exception("retention failed; trying again in %g s", wait)
+        self.retention_due = time.monotonic() + wait
 
     @property
     def info(self) -> str:
-        return f"schedules table and reaper, ticking every {self.settings.beat_interval_s:g} s"
+        return f"schedules table, reaper and webhooks, ticking every {self.settings.beat_interval_s:g} s"
 
 
 def run_beat(settings: Settings, loglevel: str = "info") -> None:

@@ -161,6 +161,24 @@ def test_a_failed_job_shows_its_error_and_retries_from_its_page(ui, page):
     assert_same_document(page)
 
 
+def test_pin_a_finished_job_from_its_page(ui, page):
+    job = ui.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": {"model": "no-such-model"}}).json()
+    page.goto(f"{ui.url}/jobs/{job['id']}")
+    mark_document(page)
+    wait_status(page, "#status", "failed", timeout_s=60)
+    page.locator("#retention").filter(has_text=re.compile(r"^kept until ")).wait_for()  # 30 days, local time
+    assert page.is_visible("#pin") and page.is_hidden("#unpin")
+
+    page.click("#pin")
+    page.locator("#retention").filter(has_text=re.compile(r"^pinned: kept$")).wait_for()
+    assert page.is_visible("#unpin") and page.is_hidden("#pin")
+    assert ui.api("GET", f"/jobs/{job['id']}").json()["pinned"] is True
+    page.click("#unpin")
+    page.locator("#retention").filter(has_text=re.compile(r"^kept until ")).wait_for()
+    assert ui.api("GET", f"/jobs/{job['id']}").json()["pinned"] is False
+    assert_same_document(page)
+
+
 def test_invalid_value_shows_the_field_error_and_keeps_the_input(ui, page, screenshots):
     # 6. A bad value comes back next to its field, with everything typed kept, and no job.
     before = ui.api("GET", "/jobs").json()["total"]

@@ -276,6 +276,10 @@ function jobPage(root) {
     }
     $('cancel-form').hidden = FINISHED.has(job.status) || job.cancel_requested;
     $('retry-form').hidden = !RETRYABLE.has(job.status);
+    $('pin-form').hidden = job.pinned;
+    $('unpin-form').hidden = !job.pinned;
+    $('retention').textContent = job.pinned ? 'pinned: kept'
+      : job.expires_at ? `kept until ${new Date(job.expires_at).toLocaleString()}` : '';
     renderTimings();
     renderArtifacts();
   }
