@@ -6,6 +6,8 @@ runner can trust the spec it receives.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -182,7 +184,7 @@ class DDPMTrainSpec(Spec):
         pattern=DATASET_PATTERN,
         description="`digits` (bundled with scikit-learn), `upload:<id>` (a zip of images; class sub-folders "
         "become labels) or `hf:<name>[:split]` (a Hugging Face dataset, split `train` by default).",
-        json_schema_extra={"upload_kind": "dataset"},
+        json_schema_extra={"upload_kind": "dataset", "hub_ref": "dataset"},
     )
     image_column: str | None = Field(None, max_length=64, description="hf: datasets: the image column (default: the first image feature).")
     label_column: str | None = Field(None, max_length=64, description="hf: datasets: the label column (default: the first class-label feature).")
@@ -322,6 +324,7 @@ class DDPMSampleSpec(Spec):
         pattern=MODEL_REF_PATTERN,
         description="`job:<id>` of a finished ddpm.train job, a folder under DIFFQUEUE_MODELS_DIR, "
         "or a Hugging Face hub id such as `google/ddpm-celebahq-256` (a DDPMPipeline repo).",
+        json_schema_extra={"hub_ref": "model"},
     )
     num_images: int = Field(8, ge=1, le=256)
     steps: int = Field(50, ge=1, le=4000, description="Denoising steps.")
@@ -472,6 +475,7 @@ class SDSpec(Spec):
         pattern=SD_MODEL_PATTERN,
         description="A folder under DIFFQUEUE_MODELS_DIR (a saved StableDiffusionPipeline), else a Hugging Face "
         "hub id `org/name`.",
+        json_schema_extra={"hub_ref": "model"},
     )
     variant: str | None = Field(
         None,
@@ -485,6 +489,7 @@ class SDSpec(Spec):
         None,
         pattern=SD_MODEL_PATTERN,
         description="A VAE to use instead of the pipeline's (same forms as model), e.g. `stabilityai/sd-vae-ft-ema`.",
+        json_schema_extra={"hub_ref": "model"},
     )
     scheduler: Literal["pndm", "ddim", "euler", "euler_a", "dpm++"] = Field(
         "pndm", description="pndm (SD 1.x's own), ddim, euler, euler_a (ancestral) or dpm++ (DPMSolver++ multistep)."
@@ -763,12 +768,28 @@ def _contains_non_finite(value: Any) -> str | None:
     return None
 
 
+def _is_type_mismatch(err: dict) -> bool:
+    return err["type"].endswith(("_type", "_parsing"))
+
+
+def _telling_errors(errors: list[dict]) -> list[dict]:
+    """pydantic reports each branch of a union (`int | str | list`) failing; for a
+    65-character string the first is "not a valid integer". Where a union field has
+    errors other than "not this type", those say what is wrong with the value given."""
+    def union_field(err: dict) -> tuple | None:
+        loc = err["loc"]
+        at = next((i for i, p in enumerate(loc) if isinstance(p, str) and _UNION_TAG.match(p)), None)
+        return None if at is None else loc[:at]
+
+    telling = {union_field(e) for e in errors if union_field(e) is not None and not _is_type_mismatch(e)}
+    return [e for e in errors if not (union_field(e) in telling and _is_type_mismatch(e))]
+
+
 def validate_params(kind: str, params: Any) -> Spec:
     """Validate `params` for `kind`; raise SpecError naming each bad field and its bound."""
     if kind not in KINDS:
-        raise UnknownKind(
-            f"unknown job kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}", {"kind": "unknown kind"}
-        )
+        reason = f"unknown job kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}"
+        raise UnknownKind(reason, {"kind": reason})
     if not isinstance(params, dict):
         raise SpecError("params must be a JSON object", {"params": "must be an object"})
     bad = _contains_non_finite(params)
@@ -778,7 +799,7 @@ def validate_params(kind: str, params: Any) -> Spec:
         return KINDS[kind].spec.model_validate(params)
     except ValidationError as exc:
         fields = {}
-        for err in exc.errors():
+        for err in _telling_errors(exc.errors()):
             path = _field_path(err["loc"])
             msg = re.sub(r"^Value error, ", "", err["msg"])
             # Cross-field checks raise "field: message" so the error still names a field.
@@ -790,6 +811,17 @@ def validate_params(kind: str, params: Any) -> Spec:
         raise SpecError(f"invalid params for {kind}: {summary}", fields) from None
 
 
+@functools.cache
+def _schema_text(spec: type[Spec]) -> str:
+    return json.dumps(spec.model_json_schema())
+
+
+def params_schema(spec: type[Spec]) -> dict[str, Any]:
+    """`spec.model_json_schema()`, generated once per spec and copied: pydantic takes
+    milliseconds a call, and every form post used to make it eight times."""
+    return json.loads(_schema_text(spec))
+
+
 def kinds_schema() -> list[dict[str, Any]]:
     """Every job kind with its params JSON schema, defaults and presets."""
     out = []
@@ -799,7 +831,7 @@ def kinds_schema() -> list[dict[str, Any]]:
             "title": kind.title,
             "queue": kind.queue,
             "description": (kind.spec.__doc__ or "").strip(),
-            "schema": kind.spec.model_json_schema(),
+            "schema": params_schema(kind.spec),
             # A form shows these first; the others can wait behind "more settings". Empty: all are main.
             "main_fields": list(kind.main_fields),
         }

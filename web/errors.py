@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from shared.errors import InvalidTransition, JobNotFound, ScheduleNotFound, SpecError, UploadNotFound
-from shared.uploads import human_bytes, upload_error
+from shared.errors import (InvalidTransition, JobNotFound, QuotaExceeded, ScheduleNotFound, SpecError, TooLarge,
+                           UploadNotFound)
+from shared.uploads import human_bytes, upload_too_large
 from web import services
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,20 @@ def _wants_json() -> bool:
     return request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json"
 
 
+def _too_large_reason() -> TooLarge:
+    """Which bound a request werkzeug cut off (413) went past."""
+    limit, length = request.max_content_length, request.content_length
+    if limit is not None and (length is None or length > limit):  # no length: the stream was cut at the limit
+        if request.endpoint == "api.create_upload":
+            return upload_too_large(
+                f"upload is larger than the {human_bytes(services().settings.upload_max_bytes)} upload limit")
+        reason = f"request body is larger than the {limit}-byte limit ({human_bytes(limit)})"
+    else:  # within the body's bound, so a multipart form's own bounds (werkzeug does not say which)
+        reason = (f"the form has more than {request.max_form_parts} parts, or a field larger than "
+                  f"{request.max_form_memory_size} bytes")
+    return TooLarge(f"body: {reason}", {"body": reason})
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(SpecError)
     def spec_error(exc: SpecError):
@@ -37,17 +52,25 @@ def init_app(app: Flask) -> None:
             return error_response(404, "not_found", str(exc))
         return render_template("error.html", code=404, message=str(exc)), 404
 
-    @app.errorhandler(RequestEntityTooLarge)
-    def too_large(exc: RequestEntityTooLarge):
-        # A 400 that names the limit, like every other refused input.
-        if request.endpoint == "api.create_upload":
-            return spec_error(upload_error(
-                f"upload is larger than the {human_bytes(services().settings.upload_max_bytes)} upload limit"
-            ))
-        reason = f"request body is larger than the {human_bytes(request.max_content_length or 0)} limit"
+    @app.errorhandler(TooLarge)
+    def too_large(exc: TooLarge):
         if _wants_json():
-            return error_response(400, "request_too_large", reason, {"body": reason})
-        return render_template("error.html", code=400, message=reason), 400
+            return error_response(413, "request_too_large", str(exc), exc.fields)
+        return render_template("error.html", code=413, message=str(exc)), 413
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def body_too_large(exc: RequestEntityTooLarge):
+        # werkzeug's bare 413, worded like every other refusal: the field and the bound.
+        return too_large(_too_large_reason())
+
+    @app.errorhandler(QuotaExceeded)
+    def over_quota(exc: QuotaExceeded):
+        if _wants_json():
+            resp, status = error_response(429, "quota_exceeded", str(exc))
+        else:
+            resp, status = make_response(render_template("error.html", code=429, message=str(exc))), 429
+        resp.headers["Retry-After"] = str(exc.retry_after_s)
+        return resp, status
 
     @app.errorhandler(InvalidTransition)
     def conflict(exc: InvalidTransition):

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from shared import jobs
+from shared import jobs, model_refs
 from shared.config import Settings
 from shared.errors import JobCancelled, LeaseLost, ModelNotFound, WorkerShuttingDown
 from shared.models import Artifact, Job, JobStatus
 from shared.storage import Storage, file_digest, job_key
 from shared.uploads import UploadInfo, download_upload, find_upload
-from worker import failpoints, hub
+from worker import failpoints, hub, weights
 
 
 
@@ -77,7 +77,8 @@ class JobContext:
             return
         self._last_progress_write = now
         with self.sessions() as session:
-            if not jobs.report_progress(session, self.job_id, self.token, step, total, message, new_phase):
+            if not jobs.report_progress(session, self.job_id, self.token, step, total, message, new_phase,
+                                        self.settings.webhook_progress_interval_s):
                 raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
 
     def check_cancelled(self) -> None:
@@ -173,35 +174,34 @@ class JobContext:
         """Where `ref` resolves from, in this order: "job" (`job:<id>`), "local" (a folder
         under DIFFQUEUE_MODELS_DIR; a plain name is always local), "hub" (an `org/name`
         that is not a local folder: a Hugging Face hub id)."""
-        if ref.startswith("job:"):
-            return "job"
-        root = self.settings.models_dir
-        if "/" not in ref or (root is not None and (Path(root) / ref).is_dir()):
-            return "local"
-        return "hub"
+        return model_refs.model_source(ref, self.settings).kind
 
     def resolve_model(self, ref: str) -> Path:
         """A local diffusers folder for `ref`: a finished training job's model/, a folder
         under DIFFQUEUE_MODELS_DIR, or a hub repo in the Hugging Face cache (see model_source)."""
-        source = self.model_source(ref)
-        if source == "job":
+        source = model_refs.model_source(ref, self.settings)
+        # Checked again here, before any load or download: a link out of the models dir,
+        # or a hub id the allowlist no longer permits, fails the job.
+        if source.refused:
+            raise ModelNotFound(f"model {ref}: {source.refused}")
+        if source.kind == "job":
             return self._job_model(ref[4:])
-        if source == "hub":
+        if source.kind == "hub":
             return self._hub_model(ref)
         root = self.settings.models_dir
         if root is None:
             raise ModelNotFound(f"model {ref!r}: DIFFQUEUE_MODELS_DIR is not set, so only job:<id> models are available")
-        path = (Path(root) / ref).resolve()
-        if Path(root).resolve() not in path.parents or not path.is_dir():
+        if source.path is None:
             raise ModelNotFound(f"model {ref!r} is not a folder under {root}")
-        return path
+        return source.path
 
     def _hub_model(self, repo_id: str) -> Path:
         """A DDPMPipeline repo from the Hugging Face hub, through the normal HF cache.
         It fails within seconds, never hangs, when the hub is unreachable or the id
         unknown: HF_HUB_OFFLINE is honoured, and a look-up with a short timeout comes
         before any download (a cached copy is used when the hub cannot be reached).
-        Only the pipeline's own files are fetched: no custom pipeline, no remote code."""
+        Only the pipeline's own files are fetched (safetensors weights only): no custom
+        pipeline, no remote code."""
         from diffusers import DDPMPipeline
 
         def failed(exc: Exception) -> ModelNotFound:
@@ -212,8 +212,11 @@ class JobContext:
         except Exception as exc:
             raise failed(exc) from exc
         try:
-            return Path(DDPMPipeline.download(repo_id, local_files_only=offline, trust_remote_code=False))
+            # use_safetensors: no pickled .bin is ever downloaded, so none can be loaded later.
+            return Path(DDPMPipeline.download(repo_id, local_files_only=offline, trust_remote_code=False,
+                                              use_safetensors=True))
         except Exception as exc:
+            weights.raise_if_refused(f"model {repo_id}", None, exc)
             raise failed(exc) from exc
 
     def _job_model(self, source_id: str) -> Path:

@@ -18,7 +18,6 @@ import inspect
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,9 +32,11 @@ from diffusers import (
 )
 from PIL import Image
 
+from shared import model_refs
+from shared.config import Settings
 from shared.errors import ModelNotFound
 from shared.uploads import read_prompts
-from worker import hub
+from worker import hub, weights
 
 SCHEDULERS = {
     "pndm": PNDMScheduler,
@@ -90,15 +91,16 @@ def resolve_dtype(requested: str, device: str, log: logging.Logger) -> str:
     return requested
 
 
-def _source(ref: str, models_dir: Path | None) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, offline?) for a local folder name or a hub id."""
-    if models_dir is not None:
-        root = Path(models_dir).resolve()
-        path = (root / ref).resolve()
-        if root in path.parents and path.is_dir():
-            return str(path), True
-    if "/" not in ref:
-        raise ModelNotFound(f"model {ref!r} is not a folder under DIFFQUEUE_MODELS_DIR ({models_dir}) "
+def _source(ref: str, settings: Settings) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, offline?) for a local folder name or a hub id.
+    A link out of the models dir, or a hub id off the allowlist, is refused before any load."""
+    source = model_refs.model_source(ref, settings)
+    if source.refused:
+        raise ModelNotFound(f"model {ref}: {source.refused}")
+    if source.path is not None:
+        return str(source.path), True
+    if source.kind == "local":
+        raise ModelNotFound(f"model {ref!r} is not a folder under DIFFQUEUE_MODELS_DIR ({settings.models_dir}) "
                             "and not a hub id (org/name)")
     try:
         return ref, hub.lookup("model", ref, logging.getLogger(__name__))
@@ -106,24 +108,28 @@ def _source(ref: str, models_dir: Path | None) -> tuple[str, bool]:
         raise ModelNotFound(hub.load_error(f"model {ref}", "unknown id", exc)) from None
 
 
-def load_pipeline(key: PipelineKey, models_dir: Path | None) -> StableDiffusionPipeline:
+def load_pipeline(key: PipelineKey, settings: Settings) -> StableDiffusionPipeline:
     """StableDiffusionPipeline.from_pretrained, never with remote code or a custom
-    pipeline, with the safety checker off (as in the sources)."""
+    pipeline, from safetensors weights only (worker/weights.py), with the safety
+    checker off (as in the sources)."""
     dtype = DTYPES[key.dtype]
-    source, offline = _source(key.model, models_dir)
+    source, offline = _source(key.model, settings)
     extra = {}
     if key.vae:
-        vae_source, vae_offline = _source(key.vae, models_dir)
+        vae_source, vae_offline = _source(key.vae, settings)
         try:
-            extra["vae"] = AutoencoderKL.from_pretrained(vae_source, dtype=dtype, local_files_only=vae_offline)
+            extra["vae"] = AutoencoderKL.from_pretrained(vae_source, dtype=dtype, local_files_only=vae_offline,
+                                                         use_safetensors=True)
         except Exception as exc:
+            weights.raise_if_refused(f"vae {key.vae}", vae_source, exc)
             raise ModelNotFound(hub.load_error(f"vae {key.vae}", "offline or not a VAE", exc)) from None
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source, dtype=dtype, variant=key.variant, safety_checker=None, requires_safety_checker=False,
-            local_files_only=offline, **extra,
+            local_files_only=offline, use_safetensors=True, **extra,
         )
     except Exception as exc:
+        weights.raise_if_refused(f"model {key.model}", source, exc)
         why = "not in the local cache, and the hub is unreachable" if offline and source == key.model else (
             "not a Stable Diffusion pipeline folder, or a missing variant")
         raise ModelNotFound(hub.load_error(f"model {key.model}", why, exc)) from None
@@ -272,7 +278,7 @@ def get_pipeline(spec, ctx):
     device = ctx.device
     key = PipelineKey(spec.model, spec.variant, resolve_dtype(spec.torch_dtype, device, ctx.log), device, spec.vae,
                       spec.compile and device == "cuda")
-    pipe, hit = ctx.pipelines.get(key, lambda: load_pipeline(key, ctx.settings.models_dir))
+    pipe, hit = ctx.pipelines.get(key, lambda: load_pipeline(key, ctx.settings))
     if spec.vae_tiling:
         pipe.vae.enable_tiling()
     else:

@@ -103,11 +103,11 @@ def test_missing_upload_is_404_json(client):
 
 
 # ------------------------------------------------------------------ refused
-def assert_refused(resp, fragment: str):
-    assert resp.status_code == 400, resp.get_json()
+def assert_refused(resp, fragment: str, status: int = 400):
+    assert resp.status_code == status, resp.get_json()
     body = resp.get_json()
     assert set(body) == {"error", "message", "fields"}
-    assert body["error"] == "invalid_params"
+    assert body["error"] == {400: "invalid_params", 413: "request_too_large"}[status]
     assert set(body["fields"]) == {"file"}
     assert fragment in body["fields"]["file"] and fragment in body["message"]
 
@@ -145,19 +145,19 @@ def small_client(sqlite_settings):
 
 def test_oversize_upload_refused_from_its_content_length(small_client, sqlite_settings):
     data = flat_zip(2) + bytes(200 * 1024)  # a content length past the cap plus the multipart slack
-    assert_refused(post_file(small_client, data, "big.zip"), "above the 2.0 KiB upload limit")
+    assert_refused(post_file(small_client, data, "big.zip"), "above the 2.0 KiB upload limit", 413)
     assert totals(small_client, sqlite_settings) == (0, [], 0)
 
 
 def test_oversize_upload_refused_while_streaming(small_client, sqlite_settings):
     data = bytes(10 * 1024)  # within the multipart slack, so the bytes are counted as they arrive
-    assert_refused(post_file(small_client, data, "big.zip"), "upload is larger than the 2.0 KiB upload limit")
+    assert_refused(post_file(small_client, data, "big.zip"), "upload is larger than the 2.0 KiB upload limit", 413)
     assert totals(small_client, sqlite_settings) == (0, [], 0)
 
 
 def test_oversize_upload_without_content_length(small_client, sqlite_settings):
     """A chunked body (no Content-Length): werkzeug stops reading at the cap and the
-    one error handler turns its 413 into the same 400."""
+    one error handler words its 413 as the others."""
     boundary = "b0undary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.zip\"\r\n"
             f"Content-Type: application/zip\r\n\r\n").encode() + bytes(200 * 1024) + f"\r\n--{boundary}--\r\n".encode()
@@ -165,7 +165,7 @@ def test_oversize_upload_without_content_length(small_client, sqlite_settings):
                              content_type=f"multipart/form-data; boundary={boundary}",
                              environ_overrides={"wsgi.input_terminated": True, "HTTP_TRANSFER_ENCODING": "chunked"})
     assert resp.request.content_length is None
-    assert_refused(resp, "upload is larger than the 2.0 KiB upload limit")
+    assert_refused(resp, "upload is larger than the 2.0 KiB upload limit", 413)
     assert totals(small_client, sqlite_settings) == (0, [], 0)
 
 
@@ -176,12 +176,12 @@ def test_upload_needs_a_file_field(client):
     assert resp.status_code == 400 and resp.get_json()["fields"] == {"file": "required"}
 
 
-def test_request_body_over_max_content_length_is_a_400(client):
-    resp = client.post("/api/v1/jobs", data=b"{" + b" " * (16 * 1024 * 1024) + b"}", content_type="application/json")
-    assert resp.status_code == 400
+def test_request_body_over_max_request_bytes_is_a_413(client):
+    resp = client.post("/api/v1/jobs", data=b"{" + b" " * (1024 * 1024) + b"}", content_type="application/json")
+    assert resp.status_code == 413
     body = resp.get_json()
     assert body["error"] == "request_too_large"
-    assert body["fields"] == {"body": "request body is larger than the 16.0 MiB limit"}
+    assert body["fields"] == {"body": "request body is larger than the 1048576-byte limit (1.0 MiB)"}
 
 
 # ------------------------------------------------------------------ references in jobs

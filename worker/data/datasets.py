@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from shared.model_refs import hub_refusal
 from shared.specs import DDPMTrainSpec
 from shared.uploads import dataset_members
 from worker.context import JobContext
@@ -106,6 +107,11 @@ def _hub(spec: DDPMTrainSpec, ctx: JobContext):
     def unavailable(why: str, exc: Exception) -> DatasetUnavailable:
         return DatasetUnavailable(hub.load_error(f"dataset hf:{name} (split {split})", why, exc))
 
+    # Checked at submit too; again here, before any download, for a job that waited
+    # while the allowlist changed.
+    refused = hub_refusal(name, ctx.settings.hub_models_allow, "hub dataset")
+    if refused:
+        raise DatasetUnavailable(f"dataset hf:{name}: {refused}")
     try:
         offline = hub.lookup("dataset", name, ctx.log)
     except Exception:  # the hub answered: let datasets, which also knows legacy names, decide
