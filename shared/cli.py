@@ -1,7 +1,8 @@
 """The `diffqueue` command.
 
 Service commands (`up`, `web`, `worker`, `beat`, `db upgrade`) start processes by
-module name, so this module never imports `web` or `worker`. Client commands
+module name, so this module never imports `web` or `worker`. `user` and `token` work
+on the database directly. Client commands
 (`submit`, `upload`, `status`, `wait`, `download`, `schedule ...`) talk to the JSON
 API over HTTP.
 """
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 from shared.db import check_migrated, make_engine, upgrade
 from shared.errors import DatabaseNotMigrated
 
@@ -33,6 +34,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def require_migrated(settings: Settings) -> None:
+    """Refuse to start on unusable settings or a database behind the code."""
+    try:
+        settings.check()
+    except ConfigError as exc:
+        fail(f"refusing to start: {exc}", 2)
     engine = make_engine(settings.database_url)
     try:
         check_migrated(engine)
@@ -142,16 +148,111 @@ def _stop_all(procs) -> None:
             p.wait()
 
 
+# ------------------------------------------------------------------ users and tokens
+# These work on the database directly (like `db upgrade`): run them where the service's
+# DIFFQUEUE_DATABASE_URL is set, e.g. `docker compose exec web diffqueue token create ...`.
+def _read_password(args) -> str:
+    import getpass
+
+    if args.password_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        fail("the passwords differ")
+    return first
+
+
+def _user_session(settings: Settings):
+    from shared.db import make_sessionmaker, session_scope
+
+    require_migrated(settings)
+    return session_scope(make_sessionmaker(make_engine(settings.database_url)))
+
+
+def _checked(fn, *a, **kw):
+    """Run an auth function; its SpecError/AuthError becomes a one-line failure."""
+    from shared.errors import AuthError, SpecError
+
+    try:
+        return fn(*a, **kw)
+    except (SpecError, AuthError) as exc:
+        fail(str(exc))
+
+
+def cmd_user_add(args, settings: Settings) -> None:
+    from shared import auth
+
+    password = _read_password(args) if args.password or args.password_stdin else None
+    with _user_session(settings) as session:
+        user = _checked(auth.create_user, session, args.name, admin=args.admin, password=password)
+        print(f"user {user.name}{' (admin)' if user.is_admin else ''} created")
+
+
+def cmd_user_passwd(args, settings: Settings) -> None:
+    from shared import auth
+
+    with _user_session(settings) as session:
+        user = auth.get_user(session, args.name) or fail(f"no user {args.name!r}")
+        _checked(auth.set_password, user, _read_password(args))
+        print(f"password set for {user.name}")
+
+
+def cmd_user_list(args, settings: Settings) -> None:
+    from sqlalchemy import select
+
+    from shared.models import User
+
+    with _user_session(settings) as session:
+        for user in session.scalars(select(User).order_by(User.name)):
+            print(f"{user.name:24} {'admin' if user.is_admin else 'user':6} "
+                  f"{'password' if user.password_hash else 'tokens only'}")
+
+
+def cmd_token_create(args, settings: Settings) -> None:
+    from shared import auth
+
+    with _user_session(settings) as session:
+        user = auth.get_user(session, args.user)
+        if user is None:
+            user = _checked(auth.create_user, session, args.user, admin=args.admin)
+            print(f"user {user.name}{' (admin)' if user.is_admin else ''} created", file=sys.stderr)
+        row, secret = auth.create_token(session, user, args.name)
+    print(f"token {row.prefix}… for {args.user}: shown once, store it now (send it as 'Authorization: Bearer …' "
+          "or set DIFFQUEUE_TOKEN)", file=sys.stderr)
+    print(secret)
+
+
+def cmd_token_list(args, settings: Settings) -> None:
+    from shared import auth
+
+    with _user_session(settings) as session:
+        user = (auth.get_user(session, args.user) or fail(f"no user {args.user!r}")) if args.user else None
+        for row in auth.list_tokens(session, user):
+            state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "live"
+            used = f"{row.last_used_at:%Y-%m-%d %H:%M}" if row.last_used_at else "never"
+            print(f"{row.id}  {row.prefix}…  {row.user.name:16} {state:18} last used {used:16} {row.name}")
+
+
+def cmd_token_revoke(args, settings: Settings) -> None:
+    from shared import auth
+
+    with _user_session(settings) as session:
+        row = _checked(auth.revoke_token, session, args.token)
+        print(f"token {row.prefix}… of {row.user.name} revoked")
+
+
 # ------------------------------------------------------------------ clients
 def _api(settings: Settings, args) -> str:
     return (args.url or settings.api_url).rstrip("/") + "/api/v1"
 
 
-def _request(method: str, url: str, timeout: float = 30, **kw):
+def _request(args, method: str, url: str, timeout: float = 30, **kw):
+    """An API call, signed with `args.token` if there is one; exits with the API's error."""
     import requests
 
+    headers = {**({"Authorization": f"Bearer {args.token}"} if args.token else {}), **kw.pop("headers", {})}
     try:
-        resp = requests.request(method, url, timeout=timeout, **kw)
+        resp = requests.request(method, url, timeout=timeout, headers=headers, **kw)
     except requests.RequestException as exc:
         fail(f"cannot reach {url}: {exc}")
     if resp.status_code >= 400:
@@ -180,7 +281,7 @@ def cmd_submit(args, settings: Settings) -> None:
     params = json.loads(Path(args.json).read_text()) if args.json else {}
     params.update(dict(parse_param(p) for p in args.param or []))
     body = {"kind": args.kind, "params": params, "priority": args.priority}
-    job = _request("POST", _api(settings, args) + "/jobs", json=body).json()
+    job = _request(args, "POST", _api(settings, args) + "/jobs", json=body).json()
     print(job["id"])
 
 
@@ -224,7 +325,7 @@ def cmd_upload(args, settings: Settings) -> None:
         fail(f"{path}: no such file")
     with MultipartFile("file", path) as body:
         # The server checks every image header of a dataset before it answers: allow minutes.
-        upload = _request("POST", _api(settings, args) + "/uploads", timeout=600, data=body,
+        upload = _request(args, "POST", _api(settings, args) + "/uploads", timeout=600, data=body,
                           headers={"Content-Type": body.content_type}).json()
     kind, meta = upload["kind"], upload["meta"]
     if kind == "dataset":
@@ -238,7 +339,15 @@ def cmd_upload(args, settings: Settings) -> None:
 
 
 def cmd_status(args, settings: Settings) -> None:
-    print(json.dumps(_request("GET", f"{_api(settings, args)}/jobs/{args.id}").json(), indent=2))
+    print(json.dumps(_request(args, "GET", f"{_api(settings, args)}/jobs/{args.id}").json(), indent=2))
+
+
+def cmd_pin(pinned: bool):
+    def run(args, settings: Settings) -> None:
+        job = _request(args, "POST", f"{_api(settings, args)}/jobs/{args.id}/{'pin' if pinned else 'unpin'}").json()
+        expiry = f": retention deletes it after {job['expires_at']}" if job["expires_at"] else ""
+        print(f"job {job['id']} pinned: retention keeps it" if job["pinned"] else f"job {job['id']} unpinned{expiry}")
+    return run
 
 
 def cmd_wait(args, settings: Settings) -> None:
@@ -248,7 +357,7 @@ def cmd_wait(args, settings: Settings) -> None:
     deadline = time.monotonic() + args.timeout if args.timeout else None
     with tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
         while True:
-            job = _request("GET", url).json()
+            job = _request(args, "GET", url).json()
             p = job["progress"]
             if p["total"] and bar.total != p["total"]:
                 bar.reset(total=p["total"])
@@ -267,7 +376,7 @@ def cmd_wait(args, settings: Settings) -> None:
 
 
 def cmd_download(args, settings: Settings) -> None:
-    job = _request("GET", f"{_api(settings, args)}/jobs/{args.id}").json()
+    job = _request(args, "GET", f"{_api(settings, args)}/jobs/{args.id}").json()
     dest = Path(args.dir)
     for a in job["artifacts"]:
         if args.prefix and not a["name"].startswith(args.prefix):
@@ -276,7 +385,7 @@ def cmd_download(args, settings: Settings) -> None:
         if dest.resolve() not in path.parents:
             fail(f"artifact name {a['name']!r} escapes {dest}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_request("GET", a["url"]).content)
+        path.write_bytes(_request(args, "GET", a["url"]).content)
         print(path)
 
 
@@ -296,29 +405,29 @@ def cmd_schedule_add(args, settings: Settings) -> None:
         "priority": args.priority, "enabled": not args.paused, "missed_runs": args.missed_runs,
         "max_concurrent": args.max_concurrent, "overlap": args.overlap,
     }
-    schedule = _request("POST", _api(settings, args) + "/schedules", json=body).json()
+    schedule = _request(args, "POST", _api(settings, args) + "/schedules", json=body).json()
     print(f"next run {schedule['next_run_at'] or '- (paused)'}", file=sys.stderr)
     print(schedule["id"])
 
 
 def cmd_schedule_list(args, settings: Settings) -> None:
-    _print_schedules(_request("GET", _api(settings, args) + "/schedules?limit=200").json()["schedules"])
+    _print_schedules(_request(args, "GET", _api(settings, args) + "/schedules?limit=200").json()["schedules"])
 
 
 def cmd_schedule_set_enabled(enabled: bool):
     def run(args, settings: Settings) -> None:
-        s = _request("PATCH", f"{_api(settings, args)}/schedules/{args.id}", json={"enabled": enabled}).json()
+        s = _request(args, "PATCH", f"{_api(settings, args)}/schedules/{args.id}", json={"enabled": enabled}).json()
         _print_schedules([s])
     return run
 
 
 def cmd_schedule_rm(args, settings: Settings) -> None:
-    _request("DELETE", f"{_api(settings, args)}/schedules/{args.id}")
+    _request(args, "DELETE", f"{_api(settings, args)}/schedules/{args.id}")
     print(f"deleted {args.id}", file=sys.stderr)
 
 
 def cmd_schedule_run_now(args, settings: Settings) -> None:
-    print(_request("POST", f"{_api(settings, args)}/schedules/{args.id}/run-now").json()["id"])
+    print(_request(args, "POST", f"{_api(settings, args)}/schedules/{args.id}/run-now").json()["id"])
 
 
 # -------------------------------------------------------------------- main
@@ -353,9 +462,38 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub = p.add_subparsers(dest="db_command", required=True)
     dbsub.add_parser("upgrade", help="migrate the database to the latest revision").set_defaults(func=cmd_db_upgrade)
 
+    p = sub.add_parser("user", help="users who sign in to the web pages (auth on)")
+    usub = p.add_subparsers(dest="user_command", required=True)
+    p = usub.add_parser("add", help="add a user")
+    p.add_argument("name")
+    p.add_argument("--admin", action="store_true", help="sees and manages every user's jobs")
+    p.add_argument("--password", action="store_true", help="prompt for a web sign-in password")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.set_defaults(func=cmd_user_add)
+    p = usub.add_parser("passwd", help="set a user's web sign-in password (prompted, or a line on stdin)")
+    p.add_argument("name")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.set_defaults(func=cmd_user_passwd, password=True)
+    usub.add_parser("list", help="list users").set_defaults(func=cmd_user_list)
+
+    p = sub.add_parser("token", help="API tokens: create (shown once), list, revoke")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    p = tsub.add_parser("create", help="create a token for a user (added if new) and print it once")
+    p.add_argument("--user", required=True)
+    p.add_argument("--name", default="", help="a label, e.g. the machine it is for")
+    p.add_argument("--admin", action="store_true", help="make a new user an admin")
+    p.set_defaults(func=cmd_token_create)
+    p = tsub.add_parser("list", help="list tokens (their first characters, never the secret)")
+    p.add_argument("--user")
+    p.set_defaults(func=cmd_token_list)
+    p = tsub.add_parser("revoke", help="revoke a token by its id or its first characters")
+    p.add_argument("token")
+    p.set_defaults(func=cmd_token_revoke)
+
     def add_client(parsers, name: str, help: str, func):
         p = parsers.add_parser(name, help=help)
         p.add_argument("--url", help="API base URL (default: DIFFQUEUE_URL or http://127.0.0.1:8000)")
+        p.add_argument("--token", help="API token, when the service has auth on (default: DIFFQUEUE_TOKEN)")
         p.set_defaults(func=func)
         return p
 
@@ -372,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
 
     client("status", "print a job as JSON", cmd_status).add_argument("id")
+    client("pin", "pin a job: retention never deletes it", cmd_pin(True)).add_argument("id")
+    client("unpin", "unpin a job: retention deletes it DIFFQUEUE_RETENTION_DAYS after it finished",
+           cmd_pin(False)).add_argument("id")
 
     p = client("wait", "show a progress bar until the job finishes; non-zero exit unless it succeeded", cmd_wait)
     p.add_argument("id")
@@ -413,7 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args, Settings.from_env())
+    settings = Settings.from_env()
+    if hasattr(args, "token") and not args.token:
+        args.token = settings.api_token
+    args.func(args, settings)
 
 
 if __name__ == "__main__":

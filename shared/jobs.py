@@ -13,10 +13,12 @@ from celery import Celery
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import auth, webhooks
 from shared.broker import MAX_PRIORITY, RUN_JOB_TASK
+from shared.config import Settings
 from shared.db import session_scope
 from shared.errors import InvalidTransition, JobNotFound
-from shared.models import Artifact, Job, JobStatus, utcnow
+from shared.models import Artifact, Job, JobStatus, User, utcnow
 from shared.specs import KINDS, validate_params
 from shared.uploads import check_upload_refs
 
@@ -25,25 +27,37 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ client side
 def submit(
-    factory: sessionmaker[Session], producer: Celery, kind: str, params: Any, priority: int = 0
+    factory: sessionmaker[Session],
+    producer: Celery,
+    kind: str,
+    params: Any,
+    priority: int = 0,
+    owner: User | None = None,
+    max_queued: int | None = None,
+    **fields: Any,
 ) -> Job:
     """Validate, insert a queued row, commit, then publish. The row is the truth:
     if the publish fails, the row stays queued with no `published_at`. An
-    `upload:<id>` param must name an upload of the field's kind (checked in the
-    same transaction, so a bad reference creates no job)."""
+    `upload:<id>` or `job:<id>` param must name one the owner may see (checked in the
+    same transaction, so a bad reference creates no job), and with `max_queued` the
+    owner may not have more queued jobs than that (QuotaExceeded)."""
     with session_scope(factory) as session:
-        job = add_job(session, kind, params, priority)
+        auth.check_quota(session, owner, max_queued)
+        job = add_job(session, kind, params, priority, owner=owner, **fields)
     publish(factory, producer, job)
     return job
 
 
-def add_job(session: Session, kind: str, params: Any, priority: int = 0, **fields: Any) -> Job:
-    """Validate and add a queued row to `session` (not committed, not published).
-    `fields` are further columns, such as a schedule's `schedule_id` and `scheduled_for`."""
+def add_job(
+    session: Session, kind: str, params: Any, priority: int = 0, owner: User | None = None, **fields: Any
+) -> Job:
+    """Validate and add a queued row to `session` (not committed, not published), owned
+    by `owner`. `fields` are further columns, such as a schedule's `schedule_id`."""
     values = validate_params(kind, params).model_dump(mode="json")
-    check_upload_refs(session, KINDS[kind].spec, values)
+    check_upload_refs(session, KINDS[kind].spec, values, owner)
+    auth.check_job_refs(session, values, owner)
     job = Job(kind=kind, params=values, priority=priority, queue=KINDS[kind].queue, status=JobStatus.QUEUED.value,
-              **fields)
+              owner_id=auth.owner_id_of(owner), **fields)
     session.add(job)
     session.flush()  # the id, and a unique-constraint violation, now rather than at commit
     return job
@@ -71,17 +85,23 @@ def publish(factory: sessionmaker[Session], producer: Celery, job: Job) -> bool:
     return True
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, job_id: str, viewer: User | None = None) -> Job:
+    """The job, if `viewer` may see it (None: anyone may); JobNotFound otherwise."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or not auth.can_see(job.owner_id, viewer):
         raise JobNotFound(f"no job with id {job_id!r}")
     return job
 
 
 def list_jobs(
-    session: Session, status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0
+    session: Session,
+    status: str | None = None,
+    kind: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+    viewer: User | None = None,
 ) -> tuple[list[Job], int]:
-    query = select(Job)
+    query = auth.visible(select(Job), Job, viewer)
     if status:
         query = query.where(Job.status == status)
     if kind:
@@ -104,6 +124,7 @@ def cancel(session: Session, job_id: str) -> Job:
             .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=utcnow())
         ).rowcount
         if done:
+            webhooks.job_event(session, job_id, "completed")  # committed by the caller, with the cancel
             session.refresh(job)
             return job
     # Running (or claimed between our read and the update above).
@@ -112,10 +133,12 @@ def cancel(session: Session, job_id: str) -> Job:
     return job
 
 
-def retry(session: Session, job_id: str) -> Job:
+def retry(session: Session, job_id: str, viewer: User | None = None, max_queued: int | None = None) -> Job:
     """Put a failed or cancelled job back in the queue. Artifacts are kept: the run
-    overwrites them (keys are deterministic) and training can resume from them."""
-    job = get_job(session, job_id)
+    overwrites them (keys are deterministic) and training can resume from them.
+    `viewer` must be able to see the job (else JobNotFound), and is held to `max_queued`."""
+    job = get_job(session, job_id, viewer)
+    auth.check_quota(session, viewer, max_queued)
     if not job.job_status.can_retry:
         raise InvalidTransition(f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried")
     session.execute(
@@ -136,10 +159,11 @@ def retry(session: Session, job_id: str) -> Job:
     return job
 
 
-def retry_and_publish(factory: sessionmaker[Session], producer: Celery, job_id: str) -> None:
+def retry_and_publish(factory: sessionmaker[Session], producer: Celery, job_id: str, viewer: User | None = None,
+                      max_queued: int | None = None) -> None:
     """`retry`, committed, then published: the row first, as in `submit`."""
     with factory() as session:
-        job = retry(session, job_id)
+        job = retry(session, job_id, viewer, max_queued)
         session.commit()
     publish(factory, producer, job)
 
@@ -171,6 +195,8 @@ def claim(session: Session, job_id: str, worker: str, lease_s: float, max_attemp
             progress_message="starting",
         )
     )
+    if result.rowcount == 1:
+        webhooks.job_event(session, job_id, "started", now)
     session.commit()
     if result.rowcount != 1:
         return None
@@ -202,6 +228,8 @@ def recover_lost(session: Session, job: Job, now: datetime, max_attempts: int) -
     ).rowcount
     if not done:
         return None
+    if values["status"] == JobStatus.FAILED.value:
+        webhooks.job_event(session, job.id, "completed", now)
     log.warning("job %s: worker %s lost (%d of %d); %s", job.id, job.worker, lost, max_attempts, values["status"])
     return JobStatus(values["status"])
 
@@ -221,12 +249,14 @@ def _owned(job_id: str, token: int):
 
 def report_progress(
     session: Session, job_id: str, token: int, step: int, total: int | None, message: str | None,
-    new_phase: bool = False,
+    new_phase: bool = False, webhook_progress_interval_s: float = Settings.webhook_progress_interval_s,
 ) -> bool:
     values: dict[str, Any] = {"progress_step": step, "progress_total": total, "progress_message": message}
     if new_phase:
         values["progress_started_at"] = utcnow()
     ok = session.execute(update(Job).where(*_owned(job_id, token)).values(**values)).rowcount == 1
+    if ok:
+        webhooks.job_event(session, job_id, "progress", progress_interval_s=webhook_progress_interval_s)
     session.commit()
     return ok
 
@@ -281,6 +311,8 @@ def finish(
     if result is not None:
         values["result"] = result
     ok = session.execute(update(Job).where(*_owned(job_id, token)).values(**values)).rowcount == 1
+    if ok:
+        webhooks.job_event(session, job_id, "completed")
     session.commit()
     return ok
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import Artifact, Job, JobStatus
+from shared.auth import visible
+from shared.models import Artifact, Job, JobStatus, User
 from shared.specs import LOCAL_OR_HUB_MODEL
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,10 @@ def list_local_models(models_dir: Path | str | None) -> list[dict]:
     return [entry for entry in found if entry is not None]
 
 
-def list_job_models(session: Session, limit: int = MAX_JOB_MODELS) -> list[dict]:
-    """Succeeded `ddpm.train` jobs that wrote a model/ folder, newest first."""
+def list_job_models(session: Session, limit: int = MAX_JOB_MODELS, viewer: User | None = None) -> list[dict]:
+    """Succeeded `ddpm.train` jobs that wrote a model/ folder, newest first (those `viewer` may see)."""
     rows = session.scalars(
-        select(Job)
+        visible(select(Job), Job, viewer)
         .where(
             Job.kind == "ddpm.train",
             Job.status == JobStatus.SUCCEEDED.value,

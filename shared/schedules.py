@@ -26,10 +26,10 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs
+from shared import auth, jobs, model_refs, webhooks
 from shared.config import Settings
 from shared.errors import ScheduleNotFound, SpecError
-from shared.models import Job, JobStatus, MissedRuns, Overlap, Schedule, utcnow
+from shared.models import Job, JobStatus, MissedRuns, Overlap, Schedule, User, utcnow
 from shared.specs import KINDS, validate_params
 from shared.uploads import check_upload_refs
 
@@ -53,11 +53,16 @@ class ScheduleFields(BaseModel):
     timezone: str = Field("UTC", min_length=1, max_length=64, description="IANA name, e.g. Europe/Berlin.")
     kind: str
     params: dict[str, Any] = Field(default_factory=dict)
-    priority: int = Field(0, ge=0, le=9)
+    # Strict, as a job's priority (specs.validate_priority): "5" and true are refused, not coerced.
+    priority: int = Field(0, ge=0, le=9, strict=True)
     enabled: bool = True
     missed_runs: MissedRuns = MissedRuns.SKIP
     max_concurrent: int = Field(1, ge=1, le=100)
     overlap: Overlap = Overlap.SKIP
+    # Copied to each job it makes; checked beyond their types by webhooks.validate_fields.
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
+    webhook_secret: str | None = None
 
 
 EDITABLE = tuple(ScheduleFields.model_fields)
@@ -152,32 +157,49 @@ def validate_schedule(data: Any, settings: Settings, now: datetime | None = None
             fields.params = validate_params(fields.kind, fields.params).model_dump(mode="json")
         except SpecError as exc:
             errors.update({f"params.{k}": v for k, v in exc.fields.items()})
+        else:
+            refused = model_refs.ref_problems(fields.kind, fields.params, settings)
+            errors.update({f"params.{k}": v for k, v in refused.items()})
+    try:
+        for name, value in webhooks.validate_fields(fields.model_dump(), settings).items():
+            setattr(fields, name, value)
+    except SpecError as exc:
+        errors.update(exc.fields)
     if errors:
         raise SpecError("invalid schedule: " + "; ".join(f"{k}: {v}" for k, v in errors.items()), errors)
     return fields
 
 
-def _check_uploads(session: Session, fields: ScheduleFields) -> None:
-    """The template's `upload:<id>` refs must exist, as at submit; errors named `params.<field>`."""
+def _check_refs(session: Session, fields: ScheduleFields, owner: User | None) -> None:
+    """The template's `upload:<id>` and `job:<id>` refs must exist and be the owner's, as
+    at submit; errors named `params.<field>`."""
     try:
-        check_upload_refs(session, KINDS[fields.kind].spec, fields.params)
+        check_upload_refs(session, KINDS[fields.kind].spec, fields.params, owner)
+        auth.check_job_refs(session, fields.params, owner)
     except SpecError as exc:
         raise SpecError(str(exc), {f"params.{k}": v for k, v in exc.fields.items()}) from None
 
 
 # ------------------------------------------------------------------ rows
-def get_schedule(session: Session, schedule_id: str) -> Schedule:
+def _owner(session: Session, schedule: Schedule) -> User | None:
+    """Whose jobs the schedule makes: its owner's (None with auth off)."""
+    return session.get(User, schedule.owner_id) if schedule.owner_id else None
+
+
+def get_schedule(session: Session, schedule_id: str, viewer: User | None = None) -> Schedule:
+    """The schedule, if `viewer` may see it (None: anyone may); ScheduleNotFound otherwise."""
     schedule = session.get(Schedule, schedule_id)
-    if schedule is None:
+    if schedule is None or not auth.can_see(schedule.owner_id, viewer):
         raise ScheduleNotFound(f"no schedule with id {schedule_id!r}")
     return schedule
 
 
-def create(session: Session, data: Any, settings: Settings, now: datetime | None = None) -> Schedule:
+def create(session: Session, data: Any, settings: Settings, now: datetime | None = None,
+           owner: User | None = None) -> Schedule:
     now = now or utcnow()
     fields = validate_schedule(data, settings, now)
-    _check_uploads(session, fields)
-    schedule = Schedule(**fields.model_dump(mode="json"))
+    _check_refs(session, fields, owner)
+    schedule = Schedule(**fields.model_dump(mode="json"), owner_id=auth.owner_id_of(owner))
     schedule.next_run_at = next_after(fields.cron, fields.timezone, now) if fields.enabled else None
     session.add(schedule)
     session.flush()
@@ -185,20 +207,22 @@ def create(session: Session, data: Any, settings: Settings, now: datetime | None
 
 
 def update_schedule(session: Session, schedule_id: str, patch: Any, settings: Settings,
-                    now: datetime | None = None) -> Schedule:
+                    now: datetime | None = None, viewer: User | None = None) -> Schedule:
     """Apply a partial update, validated as a whole. A new cron or timezone, or a resume,
     sets the next run to the first occurrence after now: runs missed while paused are
     not made up."""
     now = now or utcnow()
-    schedule = get_schedule(session, schedule_id)
+    schedule = get_schedule(session, schedule_id, viewer)
     if not isinstance(patch, dict):
         raise SpecError("the body must be a JSON object", {"body": "must be an object"})
     unknown = sorted(set(patch) - set(EDITABLE))
     if unknown:
         raise SpecError(f"unknown fields: {', '.join(unknown)}", {k: "unknown field" for k in unknown})
     current = {name: getattr(schedule, name) for name in EDITABLE}
+    if "webhook_url" in patch and patch["webhook_url"] is None:  # removing the webhook removes its settings
+        current.update(webhook_events=None, webhook_secret=None)
     fields = validate_schedule({**current, **patch}, settings, now)
-    _check_uploads(session, fields)
+    _check_refs(session, fields, _owner(session, schedule))
     timing_changed = (fields.cron, fields.timezone) != (schedule.cron, schedule.timezone)
     resumed = fields.enabled and not schedule.enabled
     for name, value in fields.model_dump(mode="json").items():
@@ -211,36 +235,40 @@ def update_schedule(session: Session, schedule_id: str, patch: Any, settings: Se
     return schedule
 
 
-def delete_schedule(session: Session, schedule_id: str) -> None:
+def delete_schedule(session: Session, schedule_id: str, viewer: User | None = None) -> None:
     """Delete the schedule; its jobs stay, with `schedule_id` cleared."""
-    schedule = get_schedule(session, schedule_id)
+    schedule = get_schedule(session, schedule_id, viewer)
     session.execute(update(Job).where(Job.schedule_id == schedule_id).values(schedule_id=None))
     session.delete(schedule)
 
 
-def list_schedules(session: Session, limit: int = 50, offset: int = 0) -> tuple[list[Schedule], int]:
-    total = session.scalar(select(func.count()).select_from(Schedule)) or 0
-    rows = session.scalars(select(Schedule).order_by(Schedule.created_at.desc(), Schedule.id).limit(limit).offset(offset))
+def list_schedules(session: Session, limit: int = 50, offset: int = 0,
+                   viewer: User | None = None) -> tuple[list[Schedule], int]:
+    query = auth.visible(select(Schedule), Schedule, viewer)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Schedule.created_at.desc(), Schedule.id).limit(limit).offset(offset))
     return list(rows), total
 
 
-def schedule_jobs(session: Session, schedule_id: str, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
-    get_schedule(session, schedule_id)
+def schedule_jobs(session: Session, schedule_id: str, limit: int = 50, offset: int = 0,
+                  viewer: User | None = None) -> tuple[list[Job], int]:
+    get_schedule(session, schedule_id, viewer)
     query = select(Job).where(Job.schedule_id == schedule_id)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))
     return list(rows), total
 
 
-def run_now(factory: sessionmaker[Session], producer: Celery, schedule_id: str, now: datetime | None = None) -> Job:
+def run_now(factory: sessionmaker[Session], producer: Celery, schedule_id: str, now: datetime | None = None,
+            viewer: User | None = None) -> Job:
     """Enqueue the schedule's job at once, as an extra occurrence at `now`. It does not
     move the schedule's next run, and runs even while paused or at max_concurrent: the
     user asked for it."""
     now = now or utcnow()
     with factory() as session:
-        schedule = get_schedule(session, schedule_id)
-        job = jobs.add_job(session, schedule.kind, schedule.params, schedule.priority,
-                           schedule_id=schedule.id, scheduled_for=now)
+        schedule = get_schedule(session, schedule_id, viewer)
+        job = jobs.add_job(session, schedule.kind, schedule.params, schedule.priority, owner=_owner(session, schedule),
+                           schedule_id=schedule.id, scheduled_for=now, **webhooks.inherited(schedule))
         schedule.last_run_at, schedule.last_job_id = now, job.id
         session.commit()
     jobs.publish(factory, producer, job)
@@ -295,8 +323,8 @@ def fire(session: Session, schedule: Schedule, now: datetime, grace_s: float) ->
         _skip(schedule, f"missed the run due {latest.isoformat()} ({late_s:.0f} s late; missed_runs=skip)", upcoming)
         return None
     try:
-        job = jobs.add_job(session, schedule.kind, schedule.params, schedule.priority,
-                           schedule_id=schedule.id, scheduled_for=latest)
+        job = jobs.add_job(session, schedule.kind, schedule.params, schedule.priority, owner=_owner(session, schedule),
+                           schedule_id=schedule.id, scheduled_for=latest, **webhooks.inherited(schedule))
     except SpecError as exc:  # the template no longer validates (an upload deleted, a spec changed)
         _skip(schedule, f"job template refused: {exc}", upcoming)
         return None

@@ -25,10 +25,11 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.auth import can_see, visible
 from shared.config import Settings
 from shared.db import session_scope
-from shared.errors import SpecError, StorageError, UploadNotFound
-from shared.models import Upload, new_id
+from shared.errors import SpecError, StorageError, TooLarge, UploadNotFound
+from shared.models import Upload, User, new_id
 from shared.storage import CHUNK_BYTES, Storage, file_digest, upload_key
 
 UPLOAD_KINDS = ("dataset", "image", "prompts")
@@ -90,6 +91,11 @@ def upload_error(reason: str) -> SpecError:
     return SpecError(f"invalid upload: {reason}", {"file": reason})
 
 
+def upload_too_large(reason: str) -> TooLarge:
+    """An upload over its size bound: a TooLarge (413) on the `file` field."""
+    return TooLarge(f"invalid upload: {reason}", {"file": reason})
+
+
 def upload_ref(upload_id: str) -> str:
     return REF_PREFIX + upload_id
 
@@ -123,7 +129,7 @@ def copy_capped(src: BinaryIO, dest: Path, max_bytes: int) -> int:
         for chunk in iter(lambda: src.read(CHUNK_BYTES), b""):
             size += len(chunk)
             if size > max_bytes:
-                raise upload_error(f"upload is larger than the {human_bytes(max_bytes)} upload limit")
+                raise upload_too_large(f"upload is larger than the {human_bytes(max_bytes)} upload limit")
             out.write(chunk)
     return size
 
@@ -389,7 +395,8 @@ def inspect_upload(filename: str, path: Path, settings: Settings) -> tuple[str, 
     path = Path(path)
     size = path.stat().st_size
     if size > settings.upload_max_bytes:
-        raise upload_error(f"upload is {human_bytes(size)}, above the {human_bytes(settings.upload_max_bytes)} upload limit")
+        raise upload_too_large(
+            f"upload is {human_bytes(size)}, above the {human_bytes(settings.upload_max_bytes)} upload limit")
     if size == 0:
         raise upload_error("upload is empty")
     with open(path, "rb") as f:
@@ -416,11 +423,11 @@ def inspect_upload(filename: str, path: Path, settings: Settings) -> tuple[str, 
 # ------------------------------------------------------------------ rows
 def save_upload(
     sessions: sessionmaker[Session], storage: Storage, settings: Settings, filename: str, path: Path,
-    expect_kinds: tuple[str, ...] | None = None,
+    expect_kinds: tuple[str, ...] | None = None, owner_id: str | None = None,
 ) -> Upload:
-    """Inspect, store the bytes under `upload_key(id)`, then insert the row. If any
-    step fails, nothing is left behind: no object in storage and no row. With
-    `expect_kinds`, a file of another kind is refused before anything is stored."""
+    """Inspect, store the bytes under `upload_key(id)`, then insert the row (owned by
+    `owner_id`). If any step fails, nothing is left behind: no object in storage and
+    no row. With `expect_kinds`, a file of another kind is refused before anything is stored."""
     kind, content_type, meta = inspect_upload(filename, path, settings)
     if expect_kinds and kind not in expect_kinds:
         expected = " or ".join(ARTICLE.get(k, k) for k in expect_kinds)
@@ -432,7 +439,7 @@ def save_upload(
         with session_scope(sessions) as session:
             upload = Upload(
                 id=upload_id, filename=safe_filename(filename), kind=kind, content_type=content_type, size=size,
-                sha256=sha256, meta=meta,
+                sha256=sha256, meta=meta, owner_id=owner_id,
             )
             session.add(upload)
     except BaseException:
@@ -441,17 +448,17 @@ def save_upload(
     return upload
 
 
-def get_upload(session: Session, upload_id: str) -> Upload:
+def get_upload(session: Session, upload_id: str, viewer: User | None = None) -> Upload:
     upload = session.get(Upload, upload_id)
-    if upload is None:
+    if upload is None or not can_see(upload.owner_id, viewer):
         raise UploadNotFound(f"no upload with id {upload_id!r}")
     return upload
 
 
 def list_uploads(
-    session: Session, kind: str | None = None, limit: int = 50, offset: int = 0
+    session: Session, kind: str | None = None, limit: int = 50, offset: int = 0, viewer: User | None = None
 ) -> tuple[list[Upload], int]:
-    query = select(Upload)
+    query = visible(select(Upload), Upload, viewer)
     if kind:
         query = query.where(Upload.kind == kind)
     total = session.scalar(select(func.count()).select_from(query.subquery()))
@@ -500,9 +507,10 @@ def field_upload_kinds(field) -> tuple[str, ...]:
     return (kinds,) if isinstance(kinds, str) else tuple(kinds)
 
 
-def check_upload_refs(session: Session, spec_cls: type[BaseModel], params: dict) -> None:
+def check_upload_refs(session: Session, spec_cls: type[BaseModel], params: dict, viewer: User | None = None) -> None:
     """For each field of `spec_cls` declaring `json_schema_extra={"upload_kind": ...}`,
-    check that an `upload:<id>` value names an existing upload of that kind. Other
+    check that an `upload:<id>` value names an existing upload of that kind that
+    `viewer` may see (another user's is "not found"). Other
     values (`digits`, `hf:...`) are left to the spec. Raises SpecError naming the field."""
     for name, field in spec_cls.model_fields.items():
         kinds = field_upload_kinds(field)
@@ -513,7 +521,7 @@ def check_upload_refs(session: Session, spec_cls: type[BaseModel], params: dict)
             upload_id = parse_upload_ref(ref)
             if upload_id is None:
                 reason = f"{ref!r} is not an upload reference: expected upload:<32 hex digits>"
-            elif (upload := session.get(Upload, upload_id)) is None:
+            elif (upload := session.get(Upload, upload_id)) is None or not can_see(upload.owner_id, viewer):
                 reason = f"{ref} not found"
             elif upload.kind not in kinds:
                 expected = " or ".join(ARTICLE.get(k, k) for k in kinds)

@@ -136,6 +136,7 @@ def prod_settings(tmp_path, pg_url, redis_url, s3_endpoint) -> Settings:
         progress_interval_s=0.0,
         cancel_check_interval_s=0.0,
         csrf_enabled=False,
+        auth_enabled=True,  # auth off is refused outside SQLite
     )
 
 
@@ -151,6 +152,34 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture
+def prod_client(prod_settings):
+    """A test client of the app on Postgres + Redis + S3, signed in as an admin."""
+    from web import create_app
+
+    return signed_in(create_app(prod_settings).test_client(), prod_settings)
+
+
+def api_token(settings: Settings, user: str = "admin", admin: bool = True) -> str:
+    """A new API token for `user` (created if missing) in the settings' database."""
+    from shared import auth
+    from shared.db import make_engine, make_sessionmaker, session_scope
+
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            owner = auth.get_user(session, user) or auth.create_user(session, user, admin=admin)
+            return auth.create_token(session, owner)[1]
+    finally:
+        engine.dispose()
+
+
+def signed_in(client, settings: Settings, user: str = "admin", admin: bool = True):
+    """`client` sending a bearer token for `user` on every request."""
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_token(settings, user, admin)}"
+    return client
+
+
 # ------------------------------------------------------- real processes
 class Services:
     """Real `diffqueue web` and `diffqueue worker` processes for one test."""
@@ -162,6 +191,13 @@ class Services:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **AWS_ENV, **settings.as_env(), "DIFFQUEUE_TORCH_THREADS": "1"}
         self.procs: dict[str, subprocess.Popen] = {}
+        # With auth on, the tests call the API as an admin (the CLI reads DIFFQUEUE_TOKEN).
+        self.headers: dict[str, str] = {}
+        if settings.auth_enabled:
+            upgrade(settings.database_url)
+            token = api_token(settings)
+            self.headers["Authorization"] = f"Bearer {token}"
+            self.env["DIFFQUEUE_TOKEN"] = token
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "wb")
@@ -191,7 +227,12 @@ class Services:
         return (self.logdir / f"{name}.log").read_text(errors="replace")[-8000:]
 
     def api(self, method: str, path: str, **kw) -> requests.Response:
-        return requests.request(method, f"{self.url}/api/v1{path}", timeout=30, **kw)
+        return requests.request(method, f"{self.url}/api/v1{path}", timeout=30,
+                                headers={**self.headers, **kw.pop("headers", {})}, **kw)
+
+    def get(self, url: str) -> requests.Response:
+        """GET an absolute URL (an artifact's), signed in."""
+        return requests.get(url, headers=self.headers, timeout=30)
 
     def wait_for(self, job_id: str, predicate, timeout_s: float = 180, what: str = "condition") -> dict:
         def check():

@@ -63,7 +63,7 @@ def pg_url(request):
 
 def test_two_beats_on_postgres_enqueue_each_occurrence_once(tmp_path, sqlite_settings, pg_url, redis_url):
     upgrade(pg_url)
-    settings = replace(sqlite_settings, database_url=pg_url, broker_url=redis_url, **FAST)
+    settings = replace(sqlite_settings, database_url=pg_url, broker_url=redis_url, auth_enabled=True, **FAST)
     svc = Services(settings, tmp_path)
     try:
         svc.start_web()

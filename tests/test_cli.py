@@ -57,10 +57,10 @@ def test_up_submit_wait_download_and_ctrl_c(tmp_path):
         assert (dest / "model" / "model_index.json").is_file()
         assert Image.open(dest / "samples.png").size[0] > 16
 
-        # A failing job: `wait` exits non-zero and prints the error.
-        bad = cli("submit", "ddpm.sample", "-p", "model=job:" + "f" * 32, env=env).stdout.strip()
+        # A failing job (no such folder in the models dir): `wait` exits non-zero and prints the error.
+        bad = cli("submit", "ddpm.sample", "-p", "model=no-such-model", env=env).stdout.strip()
         failed = cli("wait", bad, "--interval", "0.3", env=env, check=False)
-        assert failed.returncode == 1 and "no such job" in failed.stdout
+        assert failed.returncode == 1 and "'no-such-model' is not a folder under" in failed.stdout
 
         # Bad params: the CLI shows the field and the bound, exits non-zero.
         refused = cli("submit", "ddpm.train", "-p", "max_steps=0", env=env, check=False)
@@ -75,13 +75,24 @@ def test_up_submit_wait_download_and_ctrl_c(tmp_path):
         requests.get(url + "/healthz", timeout=2)
 
 
-def test_schedule_commands(tmp_path, sqlite_settings):
+def test_token_and_schedule_commands(tmp_path, sqlite_settings):
+    from dataclasses import replace
+
     from tests.conftest import Services
 
-    svc = Services(sqlite_settings, tmp_path)
+    svc = Services(replace(sqlite_settings, auth_enabled=True), tmp_path)
     try:
         svc.start_web()
-        env = {**os.environ, "DIFFQUEUE_URL": svc.url}
+        local = {**svc.env, "DIFFQUEUE_TOKEN": ""}
+        created = cli("token", "create", "--user", "carol", "--name", "laptop", env=local)
+        token = created.stdout.strip()
+        assert token.startswith("dq_") and "shown once" in created.stderr and "user carol created" in created.stderr
+        assert f"{token[:10]}…" in cli("token", "list", "--user", "carol", env=local).stdout
+        assert token not in cli("token", "list", env=local).stdout
+        env = {**local, "DIFFQUEUE_URL": svc.url, "DIFFQUEUE_TOKEN": token}
+        anonymous = cli("schedule", "list", env={**env, "DIFFQUEUE_TOKEN": ""}, check=False)
+        assert anonymous.returncode == 1 and "HTTP 401" in anonymous.stderr
+
         added = cli("schedule", "add", "ddpm.schedule_plot", "--name", "nightly plot", "--cron", "0 2 * * *",
                     "--tz", "Europe/Berlin", "-p", "num_timesteps_shown=4", "--missed-runs", "catch_up_once",
                     env=env)
@@ -102,7 +113,12 @@ def test_schedule_commands(tmp_path, sqlite_settings):
         # Refused input: the field and the reason, a non-zero exit, nothing saved.
         refused = cli("schedule", "add", "ddpm.schedule_plot", "--name", "x", "--cron", "0 2 * *", env=env, check=False)
         assert refused.returncode == 1 and "cron: must have 5 fields" in refused.stderr
+        assert svc.api("GET", f"/schedules/{sid}").json()["owner"] == "carol"  # the admin sees carol's
         cli("schedule", "rm", sid, env=env)
         assert svc.api("GET", "/schedules").json()["total"] == 0
+
+        assert "revoked" in cli("token", "revoke", token[:10], env=local).stdout
+        revoked = cli("schedule", "list", env=env, check=False)
+        assert revoked.returncode == 1 and "revoked" in revoked.stderr
     finally:
         svc.stop()

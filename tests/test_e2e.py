@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
@@ -21,19 +20,19 @@ pytestmark = pytest.mark.e2e
 TRAIN_PARAMS = {"preset": "tiny", "max_steps": 30, "sample_steps": 10, "num_samples": 4}
 
 
-def fetch(url: str) -> bytes:
-    resp = requests.get(url, timeout=30)
+def fetch(svc, url: str) -> bytes:
+    resp = svc.get(url)
     assert resp.status_code == 200, (url, resp.status_code)
     return resp.content
 
 
-def download_prefix(job: dict, prefix: str, dest: Path) -> None:
+def download_prefix(svc, job: dict, prefix: str, dest: Path) -> None:
     """Download every artifact under `prefix` (artifact URLs are absolute)."""
     for a in job["artifacts"]:
         if a["name"].startswith(prefix):
             path = dest / a["name"][len(prefix):]
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(fetch(a["url"]))
+            path.write_bytes(fetch(svc, a["url"]))
 
 
 def train_sample_roundtrip(svc, tmp_path: Path) -> None:
@@ -51,7 +50,7 @@ def train_sample_roundtrip(svc, tmp_path: Path) -> None:
     assert any(n.startswith("model/unet/") and n.endswith(".safetensors") for n in names)
     assert job["result"]["steps"] == TRAIN_PARAMS["max_steps"]
 
-    loss_csv = fetch(next(a["url"] for a in job["artifacts"] if a["name"] == "loss.csv")).decode()
+    loss_csv = fetch(svc, next(a["url"] for a in job["artifacts"] if a["name"] == "loss.csv")).decode()
     assert len(loss_csv.strip().splitlines()) == TRAIN_PARAMS["max_steps"] + 1
 
     # 2. Download model/ and load it with the real diffusers loader; it samples.
@@ -59,7 +58,7 @@ def train_sample_roundtrip(svc, tmp_path: Path) -> None:
     import torch
 
     model_dir = tmp_path / "model"
-    download_prefix(job, "model/", model_dir)
+    download_prefix(svc, job, "model/", model_dir)
     pipe = DDPMPipeline.from_pretrained(model_dir)
     assert pipe.unet.config.sample_size == 16 and pipe.unet.config.num_class_embeds == 10
     with torch.no_grad():
@@ -76,21 +75,24 @@ def train_sample_roundtrip(svc, tmp_path: Path) -> None:
     assert [a["name"] for a in images] == [
         "images/0000.png", "images/0001.png", "images/0002.png"]
     for a in images:
-        img = Image.open(io.BytesIO(fetch(a["url"])))
+        img = Image.open(io.BytesIO(fetch(svc, a["url"])))
         assert img.size == (16, 16) and img.mode == "L"
         assert a["meta"]["class_label"] in {"1", "2", "3"}
     preview = next(a for a in job["artifacts"] if a["name"] == "preview.png")
     assert preview["meta"] == {"step": "5", "of": "5"}  # the last preview is of the final step
-    assert Image.open(io.BytesIO(fetch(preview["url"]))).width > 2 * 16
+    assert Image.open(io.BytesIO(fetch(svc, preview["url"]))).width > 2 * 16
     grid = next(a for a in job["artifacts"] if a["name"] == "grid.png")
-    assert Image.open(io.BytesIO(fetch(grid["url"]))).size[0] > 16
+    assert Image.open(io.BytesIO(fetch(svc, grid["url"]))).size[0] > 16
 
-    # 4. A bad model reference fails the job with a clear, recorded message.
+    # 4. A model reference to no job is refused at submit, naming the field; one to a
+    # job that made no model (the sampling job) fails in the worker, with the reason recorded.
     missing = "0" * 32
     resp = svc.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": {"model": f"job:{missing}"}})
+    assert resp.status_code == 400 and f"job:{missing} not found" in resp.json()["fields"]["model"], resp.text
+    resp = svc.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": {"model": f"job:{job['id']}"}})
     job = svc.wait_finished(resp.json()["id"])
     assert job["status"] == "failed"
-    assert "no such job" in job["error"] and job["traceback"]
+    assert "produced no model/ artifacts" in job["error"] and job["traceback"]
 
 
 def test_embedded_default_train_then_sample(sqlite_settings, start_services, tmp_path):
@@ -185,7 +187,7 @@ def test_sigkilled_worker_resumes_training_from_its_checkpoint(prod_settings, st
     svc = start_services(settings)
     params = {"preset": "tiny", "max_steps": 6, "checkpoint_every": 2, "sample_steps": 2, "num_samples": 2}
     job_id = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": params}).json()["id"]
-    svc.wait_for(job_id, lambda j: any(a["name"] == "checkpoints/step-000004.pt" for a in j["artifacts"]),
+    svc.wait_for(job_id, lambda j: any(a["name"] == "checkpoints/step-000004.safetensors" for a in j["artifacts"]),
                  what="checkpoint 4")
     deadline = time.monotonic() + 30
     while "failpoint checkpoint.published@4: pause" not in svc.log("worker") and time.monotonic() < deadline:
@@ -204,8 +206,8 @@ def test_sigkilled_worker_resumes_training_from_its_checkpoint(prod_settings, st
     assert "resumed from step 4" in svc.log("worker2")
     names = [a["name"] for a in job["artifacts"]]
     assert len(names) == len(set(names))
-    assert [n for n in names if n.startswith("checkpoints/")] == ["checkpoints/step-000004.pt",
-                                                                  "checkpoints/step-000006.pt"]
+    assert [n for n in names if n.startswith("checkpoints/")] == ["checkpoints/step-000004.safetensors",
+                                                                  "checkpoints/step-000006.safetensors"]
     assert sum(n.startswith("model/unet/") for n in names) == 2
 
     # The same job uninterrupted, in this process, with the workers' single thread.
@@ -219,7 +221,7 @@ def test_sigkilled_worker_resumes_training_from_its_checkpoint(prod_settings, st
         reference = InlineRunner(replace(settings, failpoints=""))("ddpm.train", params)
     finally:
         torch.set_num_threads(threads)
-    resumed = fetch(next(a["url"] for a in job["artifacts"] if a["name"] == "loss.csv")).decode()
+    resumed = fetch(svc, next(a["url"] for a in job["artifacts"] if a["name"] == "loss.csv")).decode()
     expected = reference.read("loss.csv").decode()
     got = [float(line.split(",")[1]) for line in resumed.split()[1:]]
     want = [float(line.split(",")[1]) for line in expected.split()[1:]]
@@ -249,7 +251,7 @@ def test_sd_jobs_through_the_worker(sqlite_settings, start_services, tiny_sd_dir
     assert sweep["result"]["model_cache"] == "hit" and sweep["result"]["cells"] == 3
     img = run("sd.img2img", {**base, "init_image": f"job:{txt['id']}/images/0000-00.png", "prompts": ["a tulip"],
                              "strength": 0.6})
-    image = Image.open(io.BytesIO(fetch(next(a["url"] for a in img["artifacts"] if a["name"] == "images/0000-00.png"))))
+    image = Image.open(io.BytesIO(fetch(svc, next(a["url"] for a in img["artifacts"] if a["name"] == "images/0000-00.png"))))
     assert image.size == (32, 32) and img["result"]["model_cache"] == "hit"
 
     # Cancel mid-loop: the job stops between denoising steps.

@@ -69,7 +69,8 @@ def faults(tmp_path, sqlite_settings, own_redis):
     the test's Redis; Services started by the test."""
     with fresh_pg_database("diffqueue_faults") as url:
         upgrade(url)
-        settings = replace(sqlite_settings, database_url=url, broker_url=own_redis.url, **FAST_REAPER)
+        settings = replace(sqlite_settings, database_url=url, broker_url=own_redis.url, auth_enabled=True,
+                           **FAST_REAPER)
         started: list[Services] = []
 
         def services(**overrides) -> Services:

@@ -32,7 +32,9 @@ def services() -> Services:
 
 
 def create_app(settings: Settings, check_schema: bool = True) -> Flask:
-    """Build the app. Refuses (DatabaseNotMigrated) on a database that is not at head."""
+    """Build the app. Refuses (DatabaseNotMigrated) on a database that is not at head,
+    and (ConfigError) auth off outside the embedded mode."""
+    settings.check()
     engine = make_engine(settings.database_url)
     if check_schema:
         check_migrated(engine)
@@ -40,7 +42,6 @@ def create_app(settings: Settings, check_schema: bool = True) -> Flask:
     app.config.update(
         SECRET_KEY=settings.secret_key,
         WTF_CSRF_ENABLED=settings.csrf_enabled,
-        MAX_CONTENT_LENGTH=16 * 1024 * 1024,
         JSON_SORT_KEYS=False,
     )
     app.extensions["diffqueue"] = Services(
@@ -49,12 +50,17 @@ def create_app(settings: Settings, check_schema: bool = True) -> Flask:
         producer=make_producer(settings),
         storage=make_storage(settings),
     )
+    from web import api, auth, errors, limits, metrics, pages
+
+    limits.init_app(app, settings)  # first: CSRF reads the form, within the limits
     csrf.init_app(app)
 
-    from web import api, errors, pages
-
-    csrf.exempt(api.bp)  # the JSON API takes no cookies-based form posts
+    # The JSON API is exempt from the form check: token calls carry no cookie, and a
+    # cookie-signed API write is checked by `auth.load_user` instead.
+    csrf.exempt(api.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(pages.bp)
+    metrics.init_app(app)  # GET /metrics, behind auth.load_user like every page
+    auth.init_app(app)
     errors.init_app(app)
     return app

@@ -9,20 +9,21 @@ from pathlib import Path
 from flask import Blueprint, Response, jsonify, redirect, request, url_for
 from sqlalchemy import select, text
 
-from shared import jobs, model_catalog, schedules, uploads
+from shared import auth, jobs, model_catalog, model_refs, schedules, uploads, webhooks
 from shared.errors import JobNotFound, SpecError
+from shared.retention import expires_at, set_pinned
 from shared.models import Artifact, Job, JobStatus, Schedule, Upload
 from shared.specs import KINDS, kinds_schema, validate_priority
 from shared.storage import job_key
 from web import services
+from web.auth import current_user, limiter, submit_limit
 from web.errors import error_response
+from web.limits import MULTIPART_SLACK, json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 MAX_PAGE = 200
 STATUSES = [s.value for s in JobStatus]
-# Room for the multipart boundaries and part headers around an upload's bytes.
-MULTIPART_SLACK = 64 * 1024
 
 
 def artifact_json(a: Artifact) -> dict:
@@ -58,6 +59,9 @@ def job_json(job: Job, with_artifacts: bool = True) -> dict:
         "attempt": job.attempt,
         "worker": job.worker,
         "cancel_requested": job.cancel_requested,
+        "pinned": job.pinned,
+        # When retention deletes it (null: pinned, unfinished, or retention off).
+        "expires_at": _iso(expires_at(job, services().settings.retention_days)),
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
@@ -67,6 +71,8 @@ def job_json(job: Job, with_artifacts: bool = True) -> dict:
         "result": job.result,
         "schedule_id": job.schedule_id,
         "scheduled_for": _iso(job.scheduled_for),
+        "webhook": webhooks.public_json(job),
+        "owner": job.owner.name if job.owner else None,
         "url": url_for("api.get_job", job_id=job.id, _external=True),
     }
     if with_artifacts:
@@ -112,18 +118,20 @@ def _listing(key: str, items: list[dict], total: int, limit: int, offset: int):
 
 
 @bp.post("/jobs")
+@limiter.limit(submit_limit)
 def create_job():
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        return error_response(400, "invalid_json", "request body must be a JSON object with 'kind' and 'params'")
+    body = json_body(bare="params")
     kind, params, priority = body.get("kind"), body.get("params", {}), body.get("priority", 0)
-    unknown = sorted(set(body) - {"kind", "params", "priority"})
+    unknown = sorted(set(body) - {"kind", "params", "priority", *webhooks.FIELDS})
     if unknown:
         raise SpecError(f"unknown top-level fields: {', '.join(unknown)}", {k: "unknown field" for k in unknown})
     if not isinstance(kind, str):
         raise SpecError("kind is required: one of " + ", ".join(sorted(KINDS)), {"kind": "required"})
     svc = services()
-    job = jobs.submit(svc.sessions, svc.producer, kind, params, validate_priority(priority))
+    hook = webhooks.validate_fields(body, svc.settings)
+    model_refs.check_job_refs(kind, params, svc.settings)
+    job = jobs.submit(svc.sessions, svc.producer, kind, params, validate_priority(priority), owner=current_user(),
+                      max_queued=svc.settings.max_queued_per_user, **hook)
     with svc.sessions() as session:
         job = jobs.get_job(session, job.id)
         return _accepted(job_json(job), 202, url_for("api.get_job", job_id=job.id))
@@ -133,24 +141,27 @@ def create_job():
 def list_jobs():
     status, kind = request.args.get("status"), request.args.get("kind")
     if status and status not in STATUSES:
-        raise SpecError(f"status must be one of {', '.join(STATUSES)}, got {status!r}", {"status": "unknown status"})
+        reason = f"must be one of {', '.join(STATUSES)}, got {status!r}"
+        raise SpecError(f"status {reason}", {"status": reason})
     if kind and kind not in KINDS:
-        raise SpecError(f"kind must be one of {', '.join(sorted(KINDS))}, got {kind!r}", {"kind": "unknown kind"})
+        reason = f"must be one of {', '.join(sorted(KINDS))}, got {kind!r}"
+        raise SpecError(f"kind {reason}", {"kind": reason})
     limit, offset = _page()
     with services().sessions() as session:
-        rows, total = jobs.list_jobs(session, status, kind, limit, offset)
+        rows, total = jobs.list_jobs(session, status, kind, limit, offset, viewer=current_user())
         return _listing("jobs", [job_json(j, with_artifacts=False) for j in rows], total, limit, offset)
 
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
     with services().sessions() as session:
-        return jsonify(job_json(jobs.get_job(session, job_id)))
+        return jsonify(job_json(jobs.get_job(session, job_id, current_user())))
 
 
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
     with services().sessions() as session:
+        jobs.get_job(session, job_id, current_user())
         job = jobs.cancel(session, job_id)
         session.commit()
         return jsonify(job_json(job)), 202
@@ -159,13 +170,31 @@ def cancel_job(job_id: str):
 @bp.post("/jobs/<job_id>/retry")
 def retry_job(job_id: str):
     svc = services()
-    jobs.retry_and_publish(svc.sessions, svc.producer, job_id)
+    jobs.retry_and_publish(svc.sessions, svc.producer, job_id, current_user(), svc.settings.max_queued_per_user)
     with svc.sessions() as session:
         return jsonify(job_json(jobs.get_job(session, job_id))), 202
 
 
+@bp.post("/jobs/<job_id>/pin", endpoint="pin_job", defaults={"pinned": True})
+@bp.post("/jobs/<job_id>/unpin", endpoint="unpin_job", defaults={"pinned": False})
+def pin_job(job_id: str, pinned: bool):
+    """Pin a job (retention never deletes it), or unpin it."""
+    with services().sessions() as session:
+        job = set_pinned(session, job_id, pinned, current_user())
+        session.commit()
+        return jsonify(job_json(job))
+
+
+@bp.get("/jobs/<job_id>/webhooks")
+def list_webhook_deliveries(job_id: str):
+    """The job's webhook delivery log, oldest first."""
+    with services().sessions() as session:
+        jobs.get_job(session, job_id, current_user())
+        return jsonify({"deliveries": [webhooks.delivery_json(d) for d in webhooks.list_deliveries(session, job_id)]})
+
+
 def _artifact(session, job_id: str, name: str) -> Artifact:
-    jobs.get_job(session, job_id)
+    jobs.get_job(session, job_id, current_user())
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
     if artifact is None:
         raise JobNotFound(f"job {job_id} has no artifact {name!r}")
@@ -193,7 +222,7 @@ def archive(job_id: str):
     prefix = request.args.get("prefix", "")
     svc = services()
     with svc.sessions() as session:
-        job = jobs.get_job(session, job_id)
+        job = jobs.get_job(session, job_id, current_user())
         names = [a.name for a in job.artifacts if a.name.startswith(prefix)]
     if not names:
         return error_response(404, "not_found", f"job {job_id} has no artifacts under {prefix!r}")
@@ -220,6 +249,7 @@ def upload_json(u: Upload) -> dict:
         "sha256": u.sha256,
         "meta": u.meta,
         "created_at": _iso(u.created_at),
+        "owner": u.owner.name if u.owner else None,
         "url": url_for("api.get_upload", upload_id=u.id, _external=True),
     }
 
@@ -230,11 +260,10 @@ def create_upload():
     svc = services()
     limit = svc.settings.upload_max_bytes
     if (request.content_length or 0) > limit + MULTIPART_SLACK:
-        raise uploads.upload_error(
+        raise uploads.upload_too_large(
             f"upload is {uploads.human_bytes(request.content_length)}, "
             f"above the {uploads.human_bytes(limit)} upload limit"
         )
-    request.max_content_length = limit + MULTIPART_SLACK  # a body with no length is cut off here
     file = request.files.get("file")
     if file is None or not file.filename:
         raise SpecError("file is required: send multipart/form-data with the file in a 'file' field",
@@ -242,25 +271,29 @@ def create_upload():
     with tempfile.TemporaryDirectory(prefix="diffqueue-upload-") as tmp:
         path = Path(tmp) / "upload"
         uploads.copy_capped(file.stream, path, limit)
-        upload = uploads.save_upload(svc.sessions, svc.storage, svc.settings, file.filename, path)
-    return _accepted(upload_json(upload), 201, url_for("api.get_upload", upload_id=upload.id))
+        upload = uploads.save_upload(svc.sessions, svc.storage, svc.settings, file.filename, path,
+                                     owner_id=auth.owner_id_of(current_user()))
+    with svc.sessions() as session:
+        upload = uploads.get_upload(session, upload.id)
+        return _accepted(upload_json(upload), 201, url_for("api.get_upload", upload_id=upload.id))
 
 
 @bp.get("/uploads")
 def list_uploads():
     kind = request.args.get("kind")
     if kind and kind not in uploads.UPLOAD_KINDS:
-        raise SpecError(f"kind must be one of {', '.join(uploads.UPLOAD_KINDS)}, got {kind!r}", {"kind": "unknown kind"})
+        reason = f"must be one of {', '.join(uploads.UPLOAD_KINDS)}, got {kind!r}"
+        raise SpecError(f"kind {reason}", {"kind": reason})
     limit, offset = _page()
     with services().sessions() as session:
-        rows, total = uploads.list_uploads(session, kind, limit, offset)
+        rows, total = uploads.list_uploads(session, kind, limit, offset, viewer=current_user())
         return _listing("uploads", [upload_json(u) for u in rows], total, limit, offset)
 
 
 @bp.get("/uploads/<upload_id>")
 def get_upload(upload_id: str):
     with services().sessions() as session:
-        return jsonify(upload_json(uploads.get_upload(session, upload_id)))
+        return jsonify(upload_json(uploads.get_upload(session, upload_id, current_user())))
 
 
 def schedule_json(s: Schedule) -> dict:
@@ -276,6 +309,7 @@ def schedule_json(s: Schedule) -> dict:
         "missed_runs": s.missed_runs,
         "max_concurrent": s.max_concurrent,
         "overlap": s.overlap,
+        "webhook": webhooks.public_json(s),
         "next_run_at": _iso(s.next_run_at),
         "held_since": _iso(s.held_since),
         "last_run_at": _iso(s.last_run_at),
@@ -284,22 +318,16 @@ def schedule_json(s: Schedule) -> dict:
         "last_skip_reason": s.last_skip_reason,
         "created_at": _iso(s.created_at),
         "updated_at": _iso(s.updated_at),
+        "owner": s.owner.name if s.owner else None,
         "url": url_for("api.get_schedule", schedule_id=s.id, _external=True),
     }
-
-
-def _json_body() -> dict:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise SpecError("request body must be a JSON object", {"body": "must be a JSON object"})
-    return body
 
 
 @bp.post("/schedules")
 def create_schedule():
     svc = services()
     with svc.sessions() as session:
-        schedule = schedules.create(session, _json_body(), svc.settings)
+        schedule = schedules.create(session, json_body(), svc.settings, owner=current_user())
         session.commit()
         return _accepted(schedule_json(schedule), 201, url_for("api.get_schedule", schedule_id=schedule.id))
 
@@ -308,21 +336,21 @@ def create_schedule():
 def list_schedules():
     limit, offset = _page()
     with services().sessions() as session:
-        rows, total = schedules.list_schedules(session, limit, offset)
+        rows, total = schedules.list_schedules(session, limit, offset, viewer=current_user())
         return _listing("schedules", [schedule_json(s) for s in rows], total, limit, offset)
 
 
 @bp.get("/schedules/<schedule_id>")
 def get_schedule(schedule_id: str):
     with services().sessions() as session:
-        return jsonify(schedule_json(schedules.get_schedule(session, schedule_id)))
+        return jsonify(schedule_json(schedules.get_schedule(session, schedule_id, current_user())))
 
 
 @bp.patch("/schedules/<schedule_id>")
 def update_schedule(schedule_id: str):
     svc = services()
     with svc.sessions() as session:
-        schedule = schedules.update_schedule(session, schedule_id, _json_body(), svc.settings)
+        schedule = schedules.update_schedule(session, schedule_id, json_body(), svc.settings, viewer=current_user())
         session.commit()
         return jsonify(schedule_json(schedule))
 
@@ -330,7 +358,7 @@ def update_schedule(schedule_id: str):
 @bp.delete("/schedules/<schedule_id>")
 def delete_schedule(schedule_id: str):
     with services().sessions() as session:
-        schedules.delete_schedule(session, schedule_id)
+        schedules.delete_schedule(session, schedule_id, current_user())
         session.commit()
     return "", 204
 
@@ -338,7 +366,7 @@ def delete_schedule(schedule_id: str):
 @bp.post("/schedules/<schedule_id>/run-now")
 def run_schedule_now(schedule_id: str):
     svc = services()
-    job = schedules.run_now(svc.sessions, svc.producer, schedule_id)
+    job = schedules.run_now(svc.sessions, svc.producer, schedule_id, viewer=current_user())
     with svc.sessions() as session:
         return _accepted(job_json(jobs.get_job(session, job.id)), 202, url_for("api.get_job", job_id=job.id))
 
@@ -347,7 +375,7 @@ def run_schedule_now(schedule_id: str):
 def list_schedule_jobs(schedule_id: str):
     limit, offset = _page()
     with services().sessions() as session:
-        rows, total = schedules.schedule_jobs(session, schedule_id, limit, offset)
+        rows, total = schedules.schedule_jobs(session, schedule_id, limit, offset, viewer=current_user())
         return _listing("jobs", [job_json(j, with_artifacts=False) for j in rows], total, limit, offset)
 
 
@@ -363,7 +391,7 @@ def list_models():
     svc = services()
     local = model_catalog.list_local_models(svc.settings.models_dir)
     with svc.sessions() as session:
-        from_jobs = model_catalog.list_job_models(session)
+        from_jobs = model_catalog.list_job_models(session, viewer=current_user())
     return jsonify({"models": local + from_jobs})
 
 

@@ -5,13 +5,15 @@ A new job kind gets its form from its spec; there is no template per kind.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 from shared import uploads
+from shared.auth import owner_id_of
 from shared.errors import SpecError
-from shared.specs import KINDS
+from shared.specs import KINDS, params_schema
+from web import limits
+from web.auth import current_user
 
 # What a file input offers for each upload kind (the server still inspects the bytes).
 ACCEPT = {"dataset": ".zip", "image": "image/*", "prompts": ".txt,.csv"}
@@ -61,9 +63,10 @@ def form_fields(schema: dict) -> list[dict]:
     return fields
 
 
-def parse_form(kind: str, form) -> dict:
-    """Form strings to JSON params, typed by the schema; empty fields take defaults."""
-    schema = KINDS[kind].spec.model_json_schema()
+def parse_form(kind: str, form, max_json_depth: int) -> dict:
+    """Form strings to JSON params, typed by the schema; empty fields take defaults.
+    JSON with NaN or nested deeper than `max_json_depth` is a SpecError on its field."""
+    schema = params_schema(KINDS[kind].spec)
     params = {}
     for f in form_fields(schema):
         raw = form.get(f["name"], "").strip()
@@ -74,7 +77,7 @@ def parse_form(kind: str, form) -> dict:
             continue
         if f["widget"] == "json":
             try:
-                params[f["name"]] = json.loads(raw)
+                params[f["name"]] = limits.loads(raw, f["name"], max_json_depth)
             except ValueError:
                 params[f["name"]] = raw  # the spec names the field and the expected type
         elif f["widget"] == "lines":
@@ -103,7 +106,7 @@ def parse_form(kind: str, form) -> dict:
 
 def chosen_files(kind: str, files) -> dict:
     """The upload fields of `kind` that came with a file: {field name: FileStorage}."""
-    schema = KINDS[kind].spec.model_json_schema()
+    schema = params_schema(KINDS[kind].spec)
     chosen = {}
     for f in form_fields(schema):
         file = files.get(f["name"] + FILE_SUFFIX) if f["upload_kind"] else None
@@ -123,7 +126,8 @@ def save_files(svc, kind: str, chosen: dict) -> dict[str, str]:
             path = Path(tmp) / "upload"
             try:
                 uploads.copy_capped(file.stream, path, svc.settings.upload_max_bytes)
-                upload = uploads.save_upload(svc.sessions, svc.storage, svc.settings, file.filename, path, expected)
+                upload = uploads.save_upload(svc.sessions, svc.storage, svc.settings, file.filename, path, expected,
+                                             owner_id=owner_id_of(current_user()))
             except SpecError as exc:
                 reason = exc.fields.get("file", str(exc)) if exc.fields else str(exc)
                 raise SpecError(f"{name}: {reason}", {name: reason}) from None

@@ -11,11 +11,13 @@ from zoneinfo import ZoneInfo, available_timezones
 
 from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
-from shared import jobs, model_catalog, schedules, uploads
+from shared import auth, jobs, model_catalog, model_refs, schedules, uploads
 from shared.errors import SpecError
-from shared.specs import KINDS, kinds_schema, validate_params, validate_priority
-from web import forms, services
-from web.api import MULTIPART_SLACK, STATUSES, healthz, job_json, schedule_json
+from shared.retention import set_pinned
+from shared.specs import KINDS, kinds_schema, validate_priority
+from web import forms, limits, services
+from web.auth import current_user, limiter, submit_limit
+from web.api import STATUSES, healthz, job_json, schedule_json
 
 bp = Blueprint("pages", __name__)
 
@@ -35,11 +37,12 @@ def _suggestions(svc, fields: list[dict]) -> dict[str, list[dict]]:
     names = {f["name"]: f for f in fields}
     with svc.sessions() as session:
         if "model" in names:
-            models = model_catalog.list_local_models(svc.settings.models_dir) + model_catalog.list_job_models(session)
+            models = (model_catalog.list_local_models(svc.settings.models_dir)
+                      + model_catalog.list_job_models(session, viewer=current_user()))
             out["model"] = [{"value": m["ref"], "label": f"{m['name']} ({m['pipeline']})"} for m in models]
         for f in fields:
             if f["upload_kind"]:
-                rows, _ = uploads.list_uploads(session, f["upload_kind"], limit=20)
+                rows, _ = uploads.list_uploads(session, f["upload_kind"], limit=20, viewer=current_user())
                 out[f["name"]] = [{"value": uploads.upload_ref(u.id), "label": u.filename} for u in rows]
     return out
 
@@ -95,6 +98,7 @@ def submit_index():
 
 
 @bp.route("/submit/<kind>", methods=["GET", "POST"])
+@limiter.limit(submit_limit, methods=["POST"])
 def submit(kind: str):
     if kind not in KINDS:
         return render_template("error.html", code=404, message=f"unknown job kind {kind!r}"), 404
@@ -103,30 +107,33 @@ def submit(kind: str):
         values = {}
         if "from" in request.args:  # "submit again with changes": the job's params, pre-filled
             with svc.sessions() as session:
-                source = jobs.get_job(session, request.args["from"])
+                source = jobs.get_job(session, request.args["from"], current_user())
                 if source.kind != kind:
                     return redirect(url_for("pages.submit", kind=source.kind, **request.args))
                 values = {**source.params, "priority": source.priority}
         values.update((k, v) for k, v in request.args.items() if k != "from")
         return render_submit(kind, values)
 
-    request.max_content_length = svc.settings.upload_max_bytes + MULTIPART_SLACK  # the form carries uploads
-    params = forms.parse_form(kind, request.form)
     chosen = forms.chosen_files(kind, request.files)
     raw_priority = request.form.get("priority", "").strip() or "0"
     refs: dict[str, str] = {}
     try:
+        params = forms.parse_form(kind, request.form, svc.settings.max_json_depth)
         try:
             priority = int(raw_priority)
         except ValueError:
             priority = raw_priority  # not a number: validate_priority names the field
         validate_priority(priority)
         # Check everything else before storing a file: a refused form creates nothing.
-        validate_params(kind, {**params, **{name: forms.PENDING_UPLOAD for name in chosen}})
+        model_refs.check_job_refs(kind, {**params, **{name: forms.PENDING_UPLOAD for name in chosen}}, svc.settings)
         with svc.sessions() as session:
-            uploads.check_upload_refs(session, KINDS[kind].spec, {k: v for k, v in params.items() if k not in chosen})
+            given = {k: v for k, v in params.items() if k not in chosen}
+            uploads.check_upload_refs(session, KINDS[kind].spec, given, current_user())
+            auth.check_job_refs(session, given, current_user())
+            auth.check_quota(session, current_user(), svc.settings.max_queued_per_user)
         refs = forms.save_files(svc, kind, chosen)
-        job = jobs.submit(svc.sessions, svc.producer, kind, {**params, **refs}, priority)
+        job = jobs.submit(svc.sessions, svc.producer, kind, {**params, **refs}, priority, owner=current_user(),
+                          max_queued=svc.settings.max_queued_per_user)
     except SpecError as exc:
         values = {**request.form.to_dict(), **refs}  # a stored file need not be chosen again
         return render_submit(kind, values, exc.fields or {"params": str(exc)}, status=400,
@@ -144,7 +151,7 @@ def jobs_page():
     except ValueError:
         offset = 0
     with services().sessions() as session:
-        rows, total = jobs.list_jobs(session, status, kind, JOBS_PER_PAGE, offset)
+        rows, total = jobs.list_jobs(session, status, kind, JOBS_PER_PAGE, offset, viewer=current_user())
         initial = [job_json(j, with_artifacts=False) for j in rows]
     return render_template(
         "jobs.html", jobs=initial, total=total, status=status, kind=kind, statuses=STATUSES, kinds=list(KINDS),
@@ -155,7 +162,7 @@ def jobs_page():
 @bp.get("/jobs/<job_id>")
 def job_page(job_id: str):
     with services().sessions() as session:
-        job = job_json(jobs.get_job(session, job_id))
+        job = job_json(jobs.get_job(session, job_id, current_user()))
     return render_template("job.html", job=job, sample_kind=SAMPLE_KIND["DDPMPipeline"])
 
 
@@ -172,6 +179,7 @@ def _after_action(job):
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
     with services().sessions() as session:
+        jobs.get_job(session, job_id, current_user())
         job = jobs.cancel(session, job_id)
         session.commit()
         return _after_action(job)
@@ -180,9 +188,18 @@ def cancel_job(job_id: str):
 @bp.post("/jobs/<job_id>/retry")
 def retry_job(job_id: str):
     svc = services()
-    jobs.retry_and_publish(svc.sessions, svc.producer, job_id)
+    jobs.retry_and_publish(svc.sessions, svc.producer, job_id, current_user(), svc.settings.max_queued_per_user)
     with svc.sessions() as session:
         return _after_action(jobs.get_job(session, job_id))
+
+
+@bp.post("/jobs/<job_id>/pin", endpoint="pin_job", defaults={"pinned": True})
+@bp.post("/jobs/<job_id>/unpin", endpoint="unpin_job", defaults={"pinned": False})
+def pin_job(job_id: str, pinned: bool):
+    with services().sessions() as session:
+        job = set_pinned(session, job_id, pinned, current_user())
+        session.commit()
+        return _after_action(job)
 
 
 @bp.get("/models")
@@ -190,7 +207,7 @@ def models_page():
     svc = services()
     local = model_catalog.list_local_models(svc.settings.models_dir)
     with svc.sessions() as session:
-        from_jobs = model_catalog.list_job_models(session)
+        from_jobs = model_catalog.list_job_models(session, viewer=current_user())
     models = [{**m, "sample_kind": sample_kind(m["pipeline"])} for m in local + from_jobs]
     return render_template("models.html", models=models, models_dir=svc.settings.models_dir)
 
@@ -232,7 +249,7 @@ def parse_schedule_form(form) -> dict:
         body[name] = int(raw) if raw.lstrip("-").isdigit() else raw
     raw_params = form.get("params", "").strip() or "{}"
     try:
-        body["params"] = json.loads(raw_params)
+        body["params"] = limits.loads(raw_params, "params", services().settings.max_json_depth)
     except ValueError as exc:
         body["params"] = raw_params
         raise SpecError(f"params: not JSON ({exc})", {"params": f"must be a JSON object: {exc}"}) from None
@@ -243,7 +260,7 @@ def parse_schedule_form(form) -> dict:
 @bp.get("/schedules")
 def schedules_page():
     with services().sessions() as session:
-        rows, total = schedules.list_schedules(session, limit=200)
+        rows, total = schedules.list_schedules(session, limit=200, viewer=current_user())
         listed = [schedule_json(s) for s in rows]
     for s in listed:
         s["next_local"], s["last_local"] = _local(s["next_run_at"], s["timezone"]), _local(s["last_run_at"], s["timezone"])
@@ -257,14 +274,14 @@ def new_schedule():
         values: dict = {}
         if "from" in request.args:  # "schedule this job": its kind, params and priority
             with svc.sessions() as session:
-                source = jobs.get_job(session, request.args["from"])
+                source = jobs.get_job(session, request.args["from"], current_user())
                 values = {"kind": source.kind, "params": source.params, "priority": source.priority,
                           "name": f"{source.kind} every night"}
         return render_schedule_form(values)
     try:
         body = parse_schedule_form(request.form)
         with svc.sessions() as session:
-            schedule = schedules.create(session, body, svc.settings)
+            schedule = schedules.create(session, body, svc.settings, owner=current_user())
             session.commit()
     except SpecError as exc:
         values = {**request.form.to_dict(), "enabled": "enabled" in request.form}
@@ -277,13 +294,14 @@ def schedule_action(schedule_id: str, action: str):
     """The schedules page's buttons: pause, resume, run-now, delete."""
     svc = services()
     if action == "run-now":
-        job = schedules.run_now(svc.sessions, svc.producer, schedule_id)
+        job = schedules.run_now(svc.sessions, svc.producer, schedule_id, viewer=current_user())
         return redirect(url_for("pages.job_page", job_id=job.id))
     with svc.sessions() as session:
         if action in ("pause", "resume"):
-            schedules.update_schedule(session, schedule_id, {"enabled": action == "resume"}, svc.settings)
+            schedules.update_schedule(session, schedule_id, {"enabled": action == "resume"}, svc.settings,
+                                      viewer=current_user())
         elif action == "delete":
-            schedules.delete_schedule(session, schedule_id)
+            schedules.delete_schedule(session, schedule_id, current_user())
         else:
             return render_template("error.html", code=404, message=f"no schedule action {action!r}"), 404
         session.commit()

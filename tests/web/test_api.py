@@ -288,11 +288,8 @@ def test_archive(client, sqlite_settings):
     assert resp.status_code == 404
 
 
-def test_s3_artifact_redirects_to_a_presigned_url(prod_settings):
-    from web import create_app
-
-    app = create_app(prod_settings)
-    client = app.test_client()
+def test_s3_artifact_redirects_to_a_presigned_url(prod_settings, prod_client):
+    client = prod_client
     job_id = submit(client)["id"]
     data, content_type = FILES["samples.png"]
     add_artifacts(prod_settings, job_id, {"samples.png": (data, content_type)})

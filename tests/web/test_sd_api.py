@@ -87,9 +87,15 @@ def test_upload_refs_of_the_wrong_kind_are_refused(client):
     assert body["queue"] == "gpu" and body["params"]["guidance_scale"] == 6.0 and body["params"]["seed"] == 193
 
 
-def test_job_artifact_init_image_is_left_to_the_worker(client):
-    # A `job:<id>/<name>` reference is checked for shape here and resolved by the worker.
-    ref = "job:" + "0123456789abcdef" * 2 + "/images/0000-00.png"
+def test_job_artifact_init_image_must_name_a_job(client):
+    # A `job:<id>/<name>` reference must name a job here (the artifact is resolved by the worker).
+    missing = "job:" + "0123456789abcdef" * 2 + "/images/0000-00.png"
+    resp = post_job(client, "sd.img2img", {"prompts": ["a rose"], "init_image": missing})
+    assert resp.status_code == 400
+    assert resp.get_json()["fields"] == {"init_image": "job:" + "0123456789abcdef" * 2 + " not found"}
+
+    source = post_job(client, "sd.txt2img", {"prompts": ["a rose"]}).get_json()["id"]
+    ref = f"job:{source}/images/0000-00.png"
     resp = post_job(client, "sd.img2img", {"prompts": ["a rose"], "init_image": ref})
     assert resp.status_code == 202, resp.get_json()
     assert resp.get_json()["params"]["init_image"] == ref

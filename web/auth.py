@@ -1,0 +1,146 @@
+"""Who is asking, and how often: API tokens and web sign-in, then the rate limits.
+
+Every request but the public ones (health, sign-in, static files) needs a user when
+auth is on: `Authorization: Bearer <token>` for scripts, a signed session cookie for
+the pages (and for the pages' own calls to the API, which then need the CSRF header
+on anything but a GET). With auth off (the embedded single-user mode) `g.user` is
+None and every row is visible, as before.
+"""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, session, url_for
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+
+from shared import auth
+from shared.models import User
+from web import csrf, services
+from web.errors import error_response
+
+bp = Blueprint("auth", __name__)
+
+PUBLIC_ENDPOINTS = {"auth.login", "static", "pages.root_healthz", "api.healthz_v1"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def current_user() -> User | None:
+    """The signed-in user; None when auth is off (who then sees everything)."""
+    return g.get("user")
+
+
+def _rate_key() -> str:
+    user = g.get("user")
+    return f"user:{user.id}" if user is not None else f"addr:{get_remote_address()}"
+
+
+limiter = Limiter(key_func=_rate_key, key_prefix="diffqueue", headers_enabled=True)
+
+
+def submit_limit() -> str:
+    return services().settings.rate_limit_submit
+
+
+def login_limit() -> str:
+    return services().settings.rate_limit_login
+
+
+def _load(session_, user: User | None) -> User | None:
+    """A copy of the user that outlives the DB session (its columns loaded, then detached)."""
+    if user is not None:
+        session_.refresh(user)
+        session_.expunge(user)
+    return user
+
+
+# Answered like the API (401, never a redirect to the sign-in page): scrapers follow no forms.
+MACHINE_ENDPOINTS = {"metrics.metrics"}
+
+
+def _unauthenticated(message: str):
+    if request.path.startswith("/api/") or request.endpoint in MACHINE_ENDPOINTS:
+        resp, status = error_response(401, "unauthorized", message)
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="diffqueue"'
+        return resp, status
+    return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+
+
+def load_user():
+    """Before every request: set g.user, or answer 401 / send to the sign-in page."""
+    g.user = None
+    svc = services()
+    if not svc.settings.auth_enabled or request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    header = request.headers.get("Authorization")
+    with svc.sessions() as db:
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            user = auth.user_for_token(db, token.strip()) if scheme.lower() == "bearer" else None
+            if user is None:
+                return _unauthenticated("the bearer token is not valid (unknown, malformed or revoked)")
+            g.user = _load(db, user)
+            return None
+        user = db.get(User, session["user_id"]) if "user_id" in session else None
+        if user is None:
+            session.clear()
+            return _unauthenticated("sign in: send 'Authorization: Bearer <token>' (diffqueue token create --user NAME)")
+        g.user = _load(db, user)
+    # A cookie rides along on cross-site requests, so the API's writes need the CSRF
+    # header when signed in by cookie (pages' forms are protected by CSRFProtect).
+    if request.blueprint == "api" and request.method not in SAFE_METHODS and current_app.config["WTF_CSRF_ENABLED"]:
+        csrf.protect()
+    return None
+
+
+@bp.route("/login", methods=["GET", "POST"])
+@limiter.limit(login_limit, methods=["POST"], key_func=get_remote_address)
+def login():
+    nxt = request.values.get("next", "")
+    target = urlsplit(nxt)
+    if target.scheme or target.netloc or not nxt.startswith("/"):
+        nxt = url_for("pages.index")  # only back to this site
+    if not services().settings.auth_enabled:
+        return redirect(nxt)
+    if request.method == "GET":
+        return render_template("login.html", next=nxt, error=None)
+    with services().sessions() as db:
+        user = auth.check_password(db, request.form.get("user", ""), request.form.get("password", ""))
+    if user is None:
+        return render_template("login.html", next=nxt, error="Wrong user name or password.",
+                               name=request.form.get("user", "")), 401
+    session.clear()  # a fresh session on sign-in: no fixation
+    session["user_id"] = user.id
+    session.permanent = True
+    return redirect(nxt)
+
+
+@bp.post("/logout")
+def logout():
+    session.clear()
+    return redirect(url_for("auth.login"))
+
+
+def init_app(app: Flask) -> None:
+    settings = app.extensions["diffqueue"].settings
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        RATELIMIT_STORAGE_URI=settings.ratelimit_storage_url,
+        RATELIMIT_DEFAULT=settings.rate_limit,
+        # If the limit store (Redis) is down, serve rather than fail every request.
+        RATELIMIT_SWALLOW_ERRORS=True,
+        RATELIMIT_HEADERS_ENABLED=True,
+    )
+    # Before the limiter's own hook, so its key is the user, not only the address.
+    app.before_request(load_user)
+    app.register_blueprint(bp)
+    limiter.init_app(app)
+    for endpoint in ("static", "pages.root_healthz", "api.healthz_v1"):
+        view = app.view_functions.get(endpoint)
+        if view is not None:
+            limiter.exempt(view)
+
+    @app.context_processor
+    def user_in_templates():
+        return {"current_user": current_user(), "auth_enabled": settings.auth_enabled}
