@@ -24,7 +24,7 @@ run: install
 	$(VENV)/bin/diffqueue up --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) *.egg-info

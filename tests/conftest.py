@@ -39,6 +39,16 @@ def service_unavailable(what: str, why: str):
     pytest.skip(msg + " (set DIFFQUEUE_TEST_SERVICES=1 to make this an error)")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): every test that
+    starts real processes (e2e, browser) goes to one worker, one after another, so
+    they never compete with each other for the 2 cores or share a broker queue; the
+    in-process tests spread over both workers around them."""
+    for item in items:
+        if item.get_closest_marker("e2e") or item.path.parent.name == "browser":
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +103,12 @@ def redis_url() -> str:
     """A Redis database number of its own, flushed before use."""
     import redis
 
-    db = 1 + uuid.uuid4().int % 15
+    # Databases 1-15, one per xdist worker within a run (offset by the run's id, so that
+    # two runs at once are unlikely to meet), random without xdist.
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    offset = int(run, 16) if run else uuid.uuid4().int
+    db = 1 + (offset + int(worker.removeprefix("gw"))) % 15
     client = redis.Redis(REDIS_HOST, REDIS_PORT, db=db, socket_connect_timeout=3)
     try:
         client.ping()
@@ -260,13 +275,18 @@ class Services:
         return self.wait_for(job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout_s,
                              "a finished status")
 
-    def stop(self):
+    def stop(self, grace_s: float = 1.0):
+        """Teardown: SIGTERM every process, then SIGKILL what is still there after
+        `grace_s`. An idle Celery worker takes about 4 s to exit (interpreter teardown
+        after torch), which adds up over the suite; the tests that check a graceful
+        stop send their own signals and wait for it."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -279,8 +299,8 @@ def start_services(tmp_path):
     def start(settings: Settings) -> Services:
         svc = Services(settings, tmp_path)
         started.append(svc)
+        svc.start_worker()  # first: its imports (torch) overlap the web's start-up
         svc.start_web()
-        svc.start_worker()
         return svc
 
     yield start

@@ -114,8 +114,8 @@ def test_duplicate_delivery_runs_once(prod_settings, start_services):
     from shared.broker import RUN_JOB_TASK, make_producer
 
     svc = start_services(prod_settings)
-    resp = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": {"max_steps": 5, "sample_steps": 2,
-                                                                            "num_samples": 1}})
+    resp = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": {"preset": "tiny", "max_steps": 5,
+                                                                            "sample_steps": 2, "num_samples": 1}})
     job_id = resp.json()["id"]
     make_producer(prod_settings).send_task(RUN_JOB_TASK, args=[job_id], queue="gpu")
     job = svc.wait_finished(job_id)
@@ -154,8 +154,9 @@ def test_sigterm_requeues_running_job(sqlite_settings, start_services):
     """SIGTERM the worker mid-training: the job goes back to the queue (not lost, not
     stuck running) and the next worker runs it to success as attempt 2."""
     svc = start_services(sqlite_settings)
-    resp = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": {"max_steps": 40, "sample_steps": 2,
-                                                                            "num_samples": 1, "checkpoint_every": 1000}})
+    resp = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": {"preset": "tiny", "max_steps": 60,
+                                                                            "sample_steps": 2, "num_samples": 1,
+                                                                            "checkpoint_every": 1000}})
     job_id = resp.json()["id"]
     svc.wait_for(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= 3, what="training steps")
     worker = svc.procs.pop("worker")

@@ -161,9 +161,9 @@ def test_redis_restarted_without_persistence_loses_no_job(faults, own_redis):
     its reconnect, and every job ends succeeded, each run once."""
     own_redis.start()
     svc = faults(republish_after_s=3.0)
-    svc.start_web()
+    svc.start_worker()  # first: its imports (torch) overlap the web's start-up
     svc.start("beat", ["beat"])
-    svc.start_worker()
+    svc.start_web()
     long = {"kind": "ddpm.train", "params": {"preset": "tiny", "max_steps": 60, "sample_steps": 2, "num_samples": 2}}
     running = svc.api("POST", "/jobs", json=long).json()["id"]
     waiting = [svc.api("POST", "/jobs", json=PLOT).json()["id"] for _ in range(2)]
@@ -191,9 +191,9 @@ def test_postgres_connections_dropped_mid_job_reconnect(faults, own_redis):
 
     own_redis.start()
     svc = faults(progress_interval_s=0.0)
-    svc.start_web()
+    svc.start_worker()  # first: its imports (torch) overlap the web's start-up
     svc.start("beat", ["beat"])
-    svc.start_worker()
+    svc.start_web()
     params = {"preset": "tiny", "max_steps": 120, "sample_every": 40, "sample_steps": 2, "num_samples": 2}
     job_id = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": params}).json()["id"]
     svc.wait_for(job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0, what="training to run")
@@ -220,8 +220,8 @@ def test_a_message_outliving_the_visibility_timeout_runs_once(faults, own_redis)
     the job runs once (attempt 1)."""
     own_redis.start()
     svc = faults(visibility_timeout_s=2)
-    svc.start_web()
     svc.start_worker("worker1")
+    svc.start_web()
     params = {"preset": "tiny", "max_steps": 80, "sample_steps": 2, "num_samples": 2}
     job_id = svc.api("POST", "/jobs", json={"kind": "ddpm.train", "params": params}).json()["id"]
     svc.wait_for(job_id, lambda j: j["status"] == "running", what="the first worker to run it")
@@ -240,9 +240,9 @@ def test_cancel_a_running_sampling_job(faults, own_redis, tiny_ddpm_dir):
     (the reaper is running), and the worker takes the next job."""
     own_redis.start()
     svc = faults(progress_interval_s=0.0, cancel_check_interval_s=0.0)
-    svc.start_web()
+    svc.start_worker()  # first: its imports (torch) overlap the web's start-up
     svc.start("beat", ["beat"])
-    svc.start_worker()
+    svc.start_web()
     # The tiny model has 100 timesteps: 32 batches of 100 steps make a long loop.
     params = {"model": "tiny-ddpm", "num_images": 64, "batch_size": 2, "steps": 100, "scheduler": "ddpm"}
     job_id = svc.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": params}).json()["id"]

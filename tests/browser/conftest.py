@@ -76,9 +76,9 @@ def ui(tmp_path_factory, browser):
     settings = replace(Settings.embedded(root / "data"), progress_interval_s=0.2, cancel_check_interval_s=0.2)
     upgrade(settings.database_url)
     svc = Services(settings, root)
-    svc.start_web()
-    svc.start_worker()
+    svc.start_worker()  # first: its imports (torch) overlap the web's start-up
     svc.start("beat", ["beat"])
+    svc.start_web()
     yield svc
     svc.stop()
 
