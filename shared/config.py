@@ -109,6 +109,16 @@ class Settings:
     # artifacts, checked every retention_interval_s by beat. 0 keeps everything.
     retention_days: float = 30.0
     retention_interval_s: float = 3600.0
+    # Cross-job batching (worker/coalesce.py): a worker that claims a job it can batch
+    # (sd.txt2img, sd.sweep, ddpm.sample) also claims compatible queued jobs (same model,
+    # size, steps, scheduler), waiting at most coalesce_wait_s for them, up to
+    # coalesce_max_rows images per denoising batch. coalesce off runs each job alone.
+    coalesce: bool = True
+    coalesce_max_rows: int = 16
+    coalesce_wait_s: float = 0.05
+    # The `noop` job kind (bench/queue.py measures the queue's own overhead with it) is
+    # refused at submit and hidden from the kinds list unless enabled.
+    enable_noop: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -180,6 +190,10 @@ class Settings:
             webhook_allow_private=_bool(get("WEBHOOK_ALLOW_PRIVATE", "0")),
             retention_days=float(get("RETENTION_DAYS", defaults.retention_days)),
             retention_interval_s=float(get("RETENTION_INTERVAL_S", defaults.retention_interval_s)),
+            coalesce=_bool(get("COALESCE", "1")),
+            coalesce_max_rows=int(get("COALESCE_MAX_ROWS", defaults.coalesce_max_rows)),
+            coalesce_wait_s=float(get("COALESCE_WAIT_S", defaults.coalesce_wait_s)),
+            enable_noop=_bool(get("ENABLE_NOOP", "0")),
         )
 
     @classmethod
@@ -250,6 +264,10 @@ class Settings:
             "WEBHOOK_ALLOW_PRIVATE": "1" if self.webhook_allow_private else "0",
             "RETENTION_DAYS": str(self.retention_days),
             "RETENTION_INTERVAL_S": str(self.retention_interval_s),
+            "COALESCE": "1" if self.coalesce else "0",
+            "COALESCE_MAX_ROWS": str(self.coalesce_max_rows),
+            "COALESCE_WAIT_S": str(self.coalesce_wait_s),
+            "ENABLE_NOOP": "1" if self.enable_noop else "0",
         }
         optional = {
             "MODELS_DIR": self.models_dir,

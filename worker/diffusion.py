@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -61,6 +62,77 @@ def ddpm_denoise(
         if on_step is not None:
             on_step(i + 1, len(timesteps), x, out.pred_original_sample)
     return x.clamp(-1, 1).cpu()
+
+
+def sample_step_done(ctx, i: int, n: int, x, pred_x0, preview_every: int, done: int, total: int,
+                     message: str) -> None:
+    """After sampling step i of n: cancel check, progress, and every `preview_every`
+    steps (0: never) SEEDS.md §1's figure, x beside the predicted x0; preview.png is
+    always the latest."""
+    ctx.check_cancelled()
+    ctx.progress(done, total, message)
+    if preview_every and (i % preview_every == 0 or i == n):
+        figure, meta = preview_figure(x, pred_x0), {"step": str(i), "of": str(n)}
+        ctx.write_image(f"previews/step-{i:04d}.png", figure, meta)
+        ctx.write_image("preview.png", figure, meta)
+
+
+@dataclass
+class SamplePlan:
+    """One ddpm.sample job, planned but not yet sampled: its model, scheduler and
+    class labels, and `finish(images) -> result`, which writes its outputs."""
+
+    ctx: object  # the job's JobContext
+    spec: object
+    unet: torch.nn.Module
+    scheduler: object
+    labels: torch.Tensor | None
+    finish: Callable[[list[Image.Image]], dict]
+
+
+@torch.no_grad()
+def ddpm_denoise_coalesced(plans: list[SamplePlan], device: str,
+                           on_error: Callable[[int, Exception], None]) -> dict[int, list[Image.Image]]:
+    """Several unguided jobs' images (same model, steps and scheduler) through the UNet
+    as one batch: the loop of `ddpm_denoise`, with each job's own scheduler,
+    generators (image i of a job seeded `seed + i`, as alone), labels, progress,
+    previews and cancel. A job whose step hook raises leaves the batch through
+    `on_error(index, exc)`; WorkerShuttingDown stops the whole batch. Returns
+    {plan index: images} for the jobs that finished."""
+    from worker.coalesce import each_live
+
+    unet = plans[0].unet
+    cfg = unet.config
+    height, width = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else cfg.sample_size
+    state = {}
+    for k, plan in enumerate(plans):
+        generators = image_generators(plan.spec.seed, 0, plan.spec.num_images)
+        plan.scheduler.set_timesteps(plan.spec.steps)
+        state[k] = {"generators": generators, "x": randn_tensor((len(generators), cfg.in_channels, height, width),
+                                                               generator=generators, device=torch.device(device),
+                                                               dtype=torch.float32)}
+    timesteps = plans[0].scheduler.timesteps
+    n = len(timesteps)
+    others = len(plans) - 1
+    live = each_live(list(range(len(plans))), on_error, lambda k: plans[k].ctx.progress(
+        0, n, f"sampling, batched with {others} other job(s)", phase="sample"))
+    for i, t in enumerate(timesteps):
+        if not live:
+            break
+        sizes = [len(state[k]["x"]) for k in live]
+        x_in = torch.cat([plans[k].scheduler.scale_model_input(state[k]["x"], t) for k in live])
+        labels = None
+        if plans[0].labels is not None:
+            labels = torch.cat([plans[k].labels for k in live]).to(device)
+        noise_pred = unet(x_in, t, class_labels=labels).sample
+        outs = {}
+        for k, pred in zip(live, noise_pred.split(sizes)):
+            outs[k] = plans[k].scheduler.step(pred, t, state[k]["x"], generator=state[k]["generators"])
+            state[k]["x"] = outs[k].prev_sample
+        live = each_live(live, on_error, lambda k: sample_step_done(
+            plans[k].ctx, i + 1, n, state[k]["x"], outs[k].pred_original_sample, plans[k].spec.preview_interval,
+            i + 1, n, f"step {i + 1}/{n}, batched with {others} other job(s)"))
+    return {k: to_pil(state[k]["x"].clamp(-1, 1).cpu()) for k in live}
 
 
 def predicted_x0(scheduler, model_output: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:

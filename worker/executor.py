@@ -21,12 +21,25 @@ from shared.errors import JobCancelled, LeaseLost, WorkerShuttingDown
 from shared.models import Job, JobStatus
 from shared.specs import validate_params
 from shared.storage import make_storage
-from worker import failpoints
+from worker import coalesce, failpoints
 from worker.context import JobContext
 from worker.runners import RUNNERS
 from worker.sd import PipelineCache
 
 log = logging.getLogger(__name__)
+
+
+def failure(job_id: str, exc: Exception) -> tuple:
+    """(status, result, error, traceback) for what a runner raised; status None when
+    this execution lost its claim (the row is left alone)."""
+    if isinstance(exc, JobCancelled):
+        return JobStatus.CANCELLED, None, "cancelled by request", None
+    if isinstance(exc, LeaseLost):
+        log.warning("job %s: this execution lost its claim; leaving the row alone", job_id)
+        return None, None, None, None
+    error = f"{type(exc).__name__}: {exc}"
+    log.error("job %s failed: %s", job_id, error)
+    return JobStatus.FAILED, None, error, "".join(traceback.format_exception(exc))
 
 
 class Heartbeat:
@@ -91,26 +104,101 @@ class Executor:
         if self.settings.failpoints:  # tests: e.g. "job.claimed=kill", a worker that dies on every job
             failpoints.hit(failpoints.parse(self.settings.failpoints), "job.claimed", token, log)
 
+        if self.settings.coalesce:
+            batch = self._batch(job_id, token, kind, params, worker_id)
+            if batch:
+                return self._perform_batch(batch)
+
         ctx = JobContext(self.settings, self.sessions, self.storage, job_id, token, log, self.stopping, self.pipelines)
         heartbeat = Heartbeat(self.sessions, job_id, token, self.settings, ctx.lease_lost)
         status, result, error, tb = JobStatus.SUCCEEDED, None, None, None
         try:
             spec = validate_params(kind, params)
             result = RUNNERS[kind](spec, ctx) or {}
-        except JobCancelled:
-            status, error = JobStatus.CANCELLED, "cancelled by request"
         except WorkerShuttingDown:
             return self._requeue(job_id, token)
-        except LeaseLost:
-            log.warning("job %s: this execution lost its claim; leaving the row alone", job_id)
-            return "lease-lost"
         except Exception as exc:  # recorded on the job, never swallowed
-            status, error, tb = JobStatus.FAILED, f"{type(exc).__name__}: {exc}", traceback.format_exc()
-            log.error("job %s failed: %s", job_id, error)
+            status, result, error, tb = failure(job_id, exc)
         finally:
             heartbeat.stop()
             ctx.close()
+        return self._record(job_id, token, status, result, error, tb)
 
+    def _batch(self, job_id: str, token: int, kind: str, params: dict, worker_id: str) -> list:
+        """The leader (first, with its spec) and the queued jobs claimed to share its
+        batch; [] when it runs alone (no batch key, no partner, or params that do not
+        validate: the plain path fails the job with the message)."""
+        try:
+            spec = validate_params(kind, params)
+        except Exception:
+            return []
+        leader = coalesce.Member(job_id, token, kind, spec)
+        partners = coalesce.gather(self.sessions, self.settings, leader, worker_id)
+        return [leader] + partners if partners else []
+
+    def _perform_batch(self, members: list[coalesce.Member]) -> str:
+        """Several claimed jobs as one denoising batch (worker/coalesce.py). Each job
+        has its own context and heartbeat, and its own outcome: a failure in one job's
+        plan or outputs, its cancel or its lost lease takes only that job out of the
+        batch. SIGTERM re-queues every job of the batch that has no outcome yet."""
+        ctxs = [JobContext(self.settings, self.sessions, self.storage, m.job_id, m.token, log, self.stopping,
+                           self.pipelines) for m in members]
+        heartbeats = [Heartbeat(self.sessions, m.job_id, m.token, self.settings, ctx.lease_lost)
+                      for m, ctx in zip(members, ctxs)]
+        outcomes: dict[int, tuple] = {}
+
+        def fail(k: int, exc: Exception) -> None:
+            outcomes[k] = failure(members[k].job_id, exc)
+
+        ids = [m.job_id for m in members]
+        rows = sum(coalesce.batch_rows(m.kind, m.spec) for m in members)
+        log.info("jobs %s coalesced into one batch", ", ".join(ids))
+        stopped = False
+        try:
+            loaded: dict = {}  # ddpm.sample: the shared model, loaded once
+            plans, planned = [], []
+            for k, (member, ctx) in enumerate(zip(members, ctxs)):
+                try:
+                    plans.append(coalesce.plan(member, ctx, loaded))
+                    planned.append(k)
+                except WorkerShuttingDown:
+                    raise
+                except Exception as exc:
+                    fail(k, exc)
+            images = coalesce.render(members[0].kind, plans, ctxs[0].device,
+                                     lambda i, exc: fail(planned[i], exc)) if plans else {}
+            for i, k in enumerate(planned):
+                if i not in images:
+                    continue
+                try:
+                    result = plans[i].finish(images[i]) or {}
+                except WorkerShuttingDown:
+                    raise
+                except Exception as exc:
+                    fail(k, exc)
+                    continue
+                result["batched_with"] = [other for other in ids if other != ids[k]]
+                result["batch_rows"] = rows
+                outcomes[k] = (JobStatus.SUCCEEDED, result, None, None)
+        except WorkerShuttingDown:
+            stopped = True
+        except Exception as exc:  # the batch itself broke (say, out of memory): every job left fails with it
+            for k in range(len(members)):
+                if k not in outcomes:
+                    fail(k, exc)
+        finally:
+            for heartbeat, ctx in zip(heartbeats, ctxs):
+                heartbeat.stop()
+                ctx.close()
+        done = [self._record(m.job_id, m.token, *outcomes[k]) if k in outcomes
+                else self._requeue(m.job_id, m.token) if stopped else "lease-lost"
+                for k, m in enumerate(members)]
+        return done[0]
+
+    def _record(self, job_id: str, token: int, status: JobStatus | None, result, error, tb) -> str:
+        """Write a job's outcome, conditional on its claim's token (None: the lease was lost)."""
+        if status is None:
+            return "lease-lost"
         with self.sessions() as session:
             if not jobs.finish(session, job_id, token, status, result=result, error=error, traceback=tb):
                 log.warning("job %s: outcome %s not recorded, the claim is stale", job_id, status.value)

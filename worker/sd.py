@@ -342,19 +342,109 @@ def render(ctx, pipe, spec, rows: list[Row], cond, uncond, size: tuple[int, int]
     for n_batch, batch in enumerate(batches):
 
         def on_step(i: int, n: int, latents, n_batch=n_batch, done=done) -> None:
-            ctx.check_cancelled()
-            ctx.progress(done + i, total, f"batch {n_batch + 1}/{len(batches)} step {i}/{n}")
-            if n_batch == 0 and (i % preview_every == 0 or i == n):
-                preview = preview_image(pipe, latents[:1])  # the source shows one every steps // 8
-                meta = {"step": str(i), "of": str(n)}
-                ctx.write_image(f"previews/step-{i:04d}.png", preview, meta)
-                ctx.write_image("preview.png", preview, meta)
+            step_done(ctx, pipe, i, n, latents, preview_every if n_batch == 0 else 0, done + i, total,
+                      f"batch {n_batch + 1}/{len(batches)} step {i}/{n}")
 
         latents = denoise(pipe, spec.scheduler, [rows[i] for i in batch], cond, uncond, size[0], size[1],
                           strength, on_step)
         for i, image in zip(batch, decode(pipe, latents, spec.batch_size)):
             images[i] = image
         done += lengths[rows[batch[0]].steps]
+    return images
+
+
+def step_done(ctx, pipe, i: int, n: int, latents, preview_every: int, done: int, total: int, message: str) -> None:
+    """After denoising step i of n: cancel check, progress, and every `preview_every`
+    steps (0: never) a preview of the first row (the source shows one every steps // 8)."""
+    ctx.check_cancelled()
+    ctx.progress(done, total, message)
+    if preview_every and (i % preview_every == 0 or i == n):
+        preview = preview_image(pipe, latents[:1])
+        meta = {"step": str(i), "of": str(n)}
+        ctx.write_image(f"previews/step-{i:04d}.png", preview, meta)
+        ctx.write_image("preview.png", preview, meta)
+
+
+# ------------------------------------------------------------------ several jobs, one batch
+@dataclass
+class Plan:
+    """One job's images, planned but not yet made: its rows (indexing its own
+    embeddings), and `finish(images) -> result`, which writes its outputs."""
+
+    ctx: object  # the job's JobContext
+    spec: object
+    pipe: StableDiffusionPipeline
+    rows: list[Row]
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    finish: Callable[[list[Image.Image]], dict]
+
+
+def render_plan(plan: Plan) -> dict:
+    """A job run alone: its plan's rows through `render`, then its outputs."""
+    spec = plan.spec
+    images = render(plan.ctx, plan.pipe, spec, plan.rows, plan.cond, plan.uncond, (spec.height, spec.width))
+    return plan.finish(images)
+
+
+@torch.no_grad()
+def render_coalesced(plans: list[Plan], on_error: Callable[[int, Exception], None]) -> dict[int, list[Image.Image]]:
+    """Several jobs' rows (same pipeline, size, steps and scheduler) through the UNet
+    as one batch: the classifier-free-guidance loop of `denoise`, with each job's
+    own scheduler instance (schedulers keep per-batch state: PNDM's ets, DPM++'s
+    model outputs), generators, embeddings, progress, previews and cancel.
+
+    A job whose step hook raises (cancelled, lease lost, a failed write) leaves the
+    batch through `on_error(index, exc)`, and the others go on; WorkerShuttingDown
+    stops the whole batch. Returns {plan index: images} for the jobs that finished."""
+    from worker.coalesce import each_live
+
+    pipe = plans[0].pipe
+    device, dtype = pipe.device, pipe.unet.dtype
+    spec = plans[0].spec
+    shape = (pipe.unet.config.in_channels, spec.height // pipe.vae_scale_factor, spec.width // pipe.vae_scale_factor)
+    state = {}
+    for k, plan in enumerate(plans):
+        scheduler = make_scheduler(pipe, plan.spec.scheduler)
+        scheduler.set_timesteps(plan.rows[0].steps, device=device)
+        generators = [torch.Generator("cpu").manual_seed(row.seed) for row in plan.rows]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
+        state[k] = {
+            "scheduler": scheduler,
+            "latents": noise * scheduler.init_noise_sigma,
+            "g": torch.tensor([row.guidance for row in plan.rows], device=device, dtype=dtype)[:, None, None, None],
+            "uncond": plan.uncond[[r.uncond for r in plan.rows]],
+            "cond": plan.cond[[r.cond for r in plan.rows]],
+            "extra": {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {},
+            "preview_every": plan.spec.preview_every or max(1, plan.rows[0].steps // 8),
+        }
+    timesteps = state[0]["scheduler"].timesteps
+    n = len(timesteps)
+    live = list(range(len(plans)))
+    others = len(plans) - 1
+    live = each_live(live, on_error, lambda k: plans[k].ctx.progress(
+        0, n, f"denoising, batched with {others} other job(s)", phase="denoise"))
+    for i, t in enumerate(timesteps):
+        if not live:
+            break
+        # One UNet call: every live job's rows, unconditional halves first, then conditional.
+        scaled = {k: state[k]["scheduler"].scale_model_input(torch.cat([state[k]["latents"]] * 2), t) for k in live}
+        sizes = [len(state[k]["latents"]) for k in live]
+        latent_in = torch.cat([scaled[k][:m] for k, m in zip(live, sizes)] + [scaled[k][m:] for k, m in zip(live, sizes)])
+        text = torch.cat([state[k]["uncond"] for k in live] + [state[k]["cond"] for k in live])
+        uncond_all, cond_all = pipe.unet(latent_in, t, encoder_hidden_states=text).sample.chunk(2)
+        for k, uncond, cond in zip(live, uncond_all.split(sizes), cond_all.split(sizes)):
+            s = state[k]
+            s["latents"] = s["scheduler"].step(uncond + s["g"] * (cond - uncond), t, s["latents"], **s["extra"]).prev_sample
+        live = each_live(live, on_error, lambda k: step_done(
+            plans[k].ctx, pipe, i + 1, n, state[k]["latents"], state[k]["preview_every"], i + 1, n,
+            f"step {i + 1}/{n}, batched with {others} other job(s)"))
+    images = {}
+
+    def decode_job(k: int) -> None:
+        images[k] = decode(pipe, state[k]["latents"], plans[k].spec.batch_size)
+
+    each_live(live, on_error, decode_job)
     return images
 
 

@@ -17,7 +17,15 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from shared.specs import DDPMSampleSpec
 from worker import weights
 from worker.context import JobContext
-from worker.diffusion import color_loss, ddpm_denoise, image_generators, make_grid, preview_figure, to_pil
+from worker.diffusion import (
+    SamplePlan,
+    color_loss,
+    ddpm_denoise,
+    image_generators,
+    make_grid,
+    sample_step_done,
+    to_pil,
+)
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 PIPELINES = ("DDPMPipeline", "DDIMPipeline")  # model_index.json classes this runner samples from
@@ -89,36 +97,67 @@ def check_inputs(
     return torch.tensor(labels * spec.num_images if len(labels) == 1 else labels)
 
 
-def run(spec: DDPMSampleSpec, ctx: JobContext) -> dict:
+def plan(spec: DDPMSampleSpec, ctx: JobContext, loaded: dict | None = None) -> SamplePlan:
+    """Steps 1-2 and 4: the model checked against the params, and `finish(images)`.
+    `loaded` (folder -> (pipeline, class names)) lets jobs coalesced into one batch
+    load their shared model once."""
     # 1. Resolve the model (job, local folder or hub) and load it with diffusers.
     source = ctx.model_source(spec.model)
     folder = ctx.resolve_model(spec.model)
     device = ctx.device
-    pipe, class_names = load_pipeline(spec.model, folder)
+    loaded = {} if loaded is None else loaded
+    if folder not in loaded:
+        loaded[folder] = load_pipeline(spec.model, folder)
+    pipe, class_names = loaded[folder]
     unet = pipe.unet.to(device).eval()
     scheduler = SCHEDULERS[spec.scheduler].from_config(pipe.scheduler.config)
 
     # 2. Check the params against the model.
     labels = check_inputs(spec, unet, scheduler, class_names)
+
+    def finish(images) -> dict:
+        # 4. Write each image with its settings, then the grid.
+        guidance = json.dumps(spec.guidance.model_dump()) if spec.guidance is not None else "none"
+        for i, image in enumerate(images):
+            meta = {"model": spec.model, "seed": str(spec.seed), "image_seed": str(spec.seed + i), "index": str(i),
+                    "steps": str(spec.steps), "scheduler": spec.scheduler, "guidance": guidance}
+            if labels is not None:
+                meta["class_label"] = str(int(labels[i]))
+                if class_names and int(labels[i]) < len(class_names):
+                    meta["class_name"] = class_names[int(labels[i])]
+            ctx.write_image(f"images/{i:04d}.png", image, meta)
+        ctx.write_image("grid.png", make_grid(images))
+        return {
+            "num_images": len(images),
+            "image_size": list(images[0].size),
+            "device": device,
+            "scheduler": spec.scheduler,
+            "steps": spec.steps,
+            "model": spec.model,
+            "model_source": source,
+            "guided": spec.guidance is not None,
+        }
+
+    return SamplePlan(ctx, spec, unet, scheduler, labels, finish)
+
+
+def run(spec: DDPMSampleSpec, ctx: JobContext) -> dict:
+    job = plan(spec, ctx)
+    unet, scheduler, labels, device = job.unet, job.scheduler, job.labels, ctx.device
     color = spec.guidance.color if spec.guidance is not None else None
 
     # 3. Denoise in batches. Image i has its own generator (seed + i), so it is the
     #    same whatever batch_size. Progress counts steps across all batches.
+    #    (worker/coalesce.py renders several jobs' plans as one batch instead.)
     batches = [range(i, min(i + spec.batch_size, spec.num_images)) for i in range(0, spec.num_images, spec.batch_size)]
     total = len(batches) * spec.steps
     ctx.progress(0, total, "sampling", phase="sample")
-    preview_every = spec.preview_interval
     images = []
     for b, batch in enumerate(batches):
 
         def on_step(i: int, n: int, x, pred_x0, b=b) -> None:
-            ctx.check_cancelled()
-            ctx.progress(b * spec.steps + i, total, f"batch {b + 1}/{len(batches)} step {i}/{n}")
-            if b == 0 and (i % preview_every == 0 or i == n):
-                # SEEDS.md §1's figure: x beside the predicted x0; preview.png is always the latest.
-                figure, meta = preview_figure(x, pred_x0), {"step": str(i), "of": str(n)}
-                ctx.write_image(f"previews/step-{i:04d}.png", figure, meta)
-                ctx.write_image("preview.png", figure, meta)
+            sample_step_done(ctx, i, n, x, pred_x0, spec.preview_interval if b == 0 else 0, b * spec.steps + i,
+                             total, f"batch {b + 1}/{len(batches)} step {i}/{n}")
 
         out = ddpm_denoise(
             unet,
@@ -133,25 +172,4 @@ def run(spec: DDPMSampleSpec, ctx: JobContext) -> dict:
             guidance_scale=spec.guidance.scale if spec.guidance is not None else 0.0,
         )
         images.extend(to_pil(out))
-
-    # 4. Write each image with its settings, then the grid.
-    guidance = json.dumps(spec.guidance.model_dump()) if spec.guidance is not None else "none"
-    for i, image in enumerate(images):
-        meta = {"model": spec.model, "seed": str(spec.seed), "image_seed": str(spec.seed + i), "index": str(i),
-                "steps": str(spec.steps), "scheduler": spec.scheduler, "guidance": guidance}
-        if labels is not None:
-            meta["class_label"] = str(int(labels[i]))
-            if class_names and int(labels[i]) < len(class_names):
-                meta["class_name"] = class_names[int(labels[i])]
-        ctx.write_image(f"images/{i:04d}.png", image, meta)
-    ctx.write_image("grid.png", make_grid(images))
-    return {
-        "num_images": len(images),
-        "image_size": list(images[0].size),
-        "device": device,
-        "scheduler": spec.scheduler,
-        "steps": spec.steps,
-        "model": spec.model,
-        "model_source": source,
-        "guided": spec.guidance is not None,
-    }
+    return job.finish(images)

@@ -36,7 +36,8 @@ def labelled_grid(cells: list[list[Image.Image]], col_labels: list[str], row_lab
     return grid
 
 
-def run(spec: SDSweepSpec, ctx: JobContext) -> dict:
+def plan(spec: SDSweepSpec, ctx: JobContext) -> sd.Plan:
+    """Steps 1-2: the sweep's cells as rows, ready to render alone or coalesced with other jobs'."""
     # 1. The pipeline, and the prompt and negative prompt encoded once.
     pipe, cache_hit = sd.get_pipeline(spec, ctx)
     negative = spec.negative_prompt or ""
@@ -57,17 +58,25 @@ def run(spec: SDSweepSpec, ctx: JobContext) -> dict:
                 "seed": seed, "guidance_scale": g, "steps": steps, "scheduler": spec.scheduler,
                 "width": spec.width, "height": spec.height, "model": spec.model,
             })
-    images = sd.render(ctx, pipe, spec, rows, cond, uncond, (spec.height, spec.width))
 
-    # 3. Every cell, the labelled grid, the manifest.
-    for image, record in zip(images, records):
-        ctx.write_image(record["name"], image, sd.png_meta(record))
-    n = len(spec.guidance_scales)
-    cells = [images[r * n : (r + 1) * n] for r in range(len(grid_rows))]
-    row_labels = [f"seed {seed}" + (f", {steps} steps" if spec.steps_list else "") for steps, seed in grid_rows]
-    ctx.write_image("grid.png", labelled_grid(cells, [f"g={g:g}" for g in spec.guidance_scales], row_labels))
-    ctx.write_json("manifest.json", {"images": records, "warnings": warnings,
-                                     "axes": {"guidance_scales": spec.guidance_scales, "seeds": spec.seeds,
-                                              "steps": steps_axis}})
-    return {"num_images": len(images), "cells": len(rows), "image_size": [spec.width, spec.height],
-            "model_cache": "hit" if cache_hit else "miss", "warnings": warnings, "device": ctx.device}
+    def finish(images) -> dict:
+        # 4. Every cell, the labelled grid, the manifest.
+        for image, record in zip(images, records):
+            ctx.write_image(record["name"], image, sd.png_meta(record))
+        n = len(spec.guidance_scales)
+        cells = [images[r * n : (r + 1) * n] for r in range(len(grid_rows))]
+        row_labels = [f"seed {seed}" + (f", {steps} steps" if spec.steps_list else "") for steps, seed in grid_rows]
+        ctx.write_image("grid.png", labelled_grid(cells, [f"g={g:g}" for g in spec.guidance_scales], row_labels))
+        ctx.write_json("manifest.json", {"images": records, "warnings": warnings,
+                                         "axes": {"guidance_scales": spec.guidance_scales, "seeds": spec.seeds,
+                                                  "steps": steps_axis}})
+        return {"num_images": len(images), "cells": len(rows), "image_size": [spec.width, spec.height],
+                "model_cache": "hit" if cache_hit else "miss", "warnings": warnings, "device": ctx.device}
+
+    return sd.Plan(ctx, spec, pipe, rows, cond, uncond, finish)
+
+
+def run(spec: SDSweepSpec, ctx: JobContext) -> dict:
+    # 3. Denoise alone: `batch_size` rows per UNet batch (worker/coalesce.py may instead
+    #    render this plan in one batch with other jobs' plans), then the outputs.
+    return sd.render_plan(plan(spec, ctx))

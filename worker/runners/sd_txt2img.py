@@ -16,7 +16,8 @@ from worker import sd
 from worker.context import JobContext
 
 
-def run(spec: SDTxt2ImgSpec, ctx: JobContext) -> dict:
+def plan(spec: SDTxt2ImgSpec, ctx: JobContext) -> sd.Plan:
+    """Steps 1-3: the job's rows, ready to render alone or coalesced with other jobs'."""
     # 1. Prompts (and their seeds), then the pipeline from the worker's warm cache.
     table = sd.prompt_table(spec, ctx)
     pipe, cache_hit = sd.get_pipeline(spec, ctx)
@@ -35,9 +36,17 @@ def run(spec: SDTxt2ImgSpec, ctx: JobContext) -> dict:
                 "guidance_scale": spec.guidance_scale, "steps": spec.steps, "scheduler": spec.scheduler,
                 "width": spec.width, "height": spec.height, "model": spec.model,
             })
-    images = sd.render(ctx, pipe, spec, rows, cond, uncond, (spec.height, spec.width))
 
-    # 4. Each image with its settings, the grid (a row per prompt), the manifest.
-    sd.write_prompt_outputs(ctx, images, records, warnings, spec.num_images_per_prompt)
-    return {"num_images": len(images), "num_prompts": len(table), "image_size": [spec.width, spec.height],
-            "model_cache": "hit" if cache_hit else "miss", "warnings": warnings, "device": ctx.device}
+    def finish(images) -> dict:
+        # 5. Each image with its settings, the grid (a row per prompt), the manifest.
+        sd.write_prompt_outputs(ctx, images, records, warnings, spec.num_images_per_prompt)
+        return {"num_images": len(images), "num_prompts": len(table), "image_size": [spec.width, spec.height],
+                "model_cache": "hit" if cache_hit else "miss", "warnings": warnings, "device": ctx.device}
+
+    return sd.Plan(ctx, spec, pipe, rows, cond, uncond, finish)
+
+
+def run(spec: SDTxt2ImgSpec, ctx: JobContext) -> dict:
+    # 4. Denoise alone: `batch_size` rows per UNet batch (worker/coalesce.py may instead
+    #    render this plan in one batch with other jobs' plans), then the outputs.
+    return sd.render_plan(plan(spec, ctx))
