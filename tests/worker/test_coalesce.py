@@ -166,3 +166,21 @@ def test_cancel_one_job_of_a_running_batch(run_inline, sqlite_settings, alone, t
     assert not any(a.name.startswith("images/") for a in jobs[1].artifacts)
     for job, p in ((jobs[0], params[0]), (jobs[2], params[2])):
         assert close(pixels(job, "images/0000-00.png"), pixels(alone("sd.txt2img", p), "images/0000-00.png"))
+
+
+def test_sigterm_during_a_batch_requeues_every_job(run_inline, tiny_sd_dir, monkeypatch):
+    from worker.context import JobContext
+
+    ids = [queue(run_inline, "sd.txt2img", {**BASE, "prompts": [p]}) for p in ("a rose", "a fox")]
+    progress = JobContext.progress
+
+    def sigterm_at_step_1(self, step, total, message=None, phase=None):
+        if step == 1:
+            self.stopping.set()  # what the worker's SIGTERM handler sets
+        return progress(self, step, total, message, phase)
+
+    monkeypatch.setattr(JobContext, "progress", sigterm_at_step_1)
+    run_inline.again(ids[0])
+    jobs = [load(run_inline, job_id) for job_id in ids]
+    assert [(j.status, j.attempt) for j in jobs] == [("queued", 1), ("queued", 1)]
+    assert not any(a.name.startswith("images/") for j in jobs for a in j.artifacts)
