@@ -104,35 +104,34 @@ def ddpm_denoise_coalesced(plans: list[SamplePlan], device: str,
     unet = plans[0].unet
     cfg = unet.config
     height, width = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else cfg.sample_size
-    state = {}
-    for k, plan in enumerate(plans):
-        generators = image_generators(plan.spec.seed, 0, plan.spec.num_images)
+    generators = [image_generators(plan.spec.seed, 0, plan.spec.num_images) for plan in plans]
+    x = [randn_tensor((len(g), cfg.in_channels, height, width), generator=g, device=torch.device(device),
+                      dtype=torch.float32) for g in generators]
+    for plan in plans:
         plan.scheduler.set_timesteps(plan.spec.steps)
-        state[k] = {"generators": generators, "x": randn_tensor((len(generators), cfg.in_channels, height, width),
-                                                               generator=generators, device=torch.device(device),
-                                                               dtype=torch.float32)}
     timesteps = plans[0].scheduler.timesteps
     n = len(timesteps)
-    others = len(plans) - 1
-    live = each_live(list(range(len(plans))), on_error, lambda k: plans[k].ctx.progress(
-        0, n, f"sampling, batched with {others} other job(s)", phase="sample"))
+    note = f"batched with {len(plans) - 1} other job(s)"
+    live = each_live(list(range(len(plans))), on_error,
+                     lambda k: plans[k].ctx.progress(0, n, f"sampling, {note}", phase="sample"))
     for i, t in enumerate(timesteps):
         if not live:
             break
-        sizes = [len(state[k]["x"]) for k in live]
-        x_in = torch.cat([plans[k].scheduler.scale_model_input(state[k]["x"], t) for k in live])
-        labels = None
-        if plans[0].labels is not None:
-            labels = torch.cat([plans[k].labels for k in live]).to(device)
+        # 1. One UNet call on every live job's images.
+        sizes = [len(x[k]) for k in live]
+        x_in = torch.cat([plans[k].scheduler.scale_model_input(x[k], t) for k in live])
+        labels = torch.cat([plans[k].labels for k in live]).to(device) if plans[0].labels is not None else None
         noise_pred = unet(x_in, t, class_labels=labels).sample
-        outs = {}
+        # 2. Each job's scheduler step, with its own generators.
+        pred_x0 = {}
         for k, pred in zip(live, noise_pred.split(sizes)):
-            outs[k] = plans[k].scheduler.step(pred, t, state[k]["x"], generator=state[k]["generators"])
-            state[k]["x"] = outs[k].prev_sample
+            out = plans[k].scheduler.step(pred, t, x[k], generator=generators[k])
+            x[k], pred_x0[k] = out.prev_sample, out.pred_original_sample
+        # 3. Each job's cancel check, progress and previews; a job that stops leaves the batch.
         live = each_live(live, on_error, lambda k: sample_step_done(
-            plans[k].ctx, i + 1, n, state[k]["x"], outs[k].pred_original_sample, plans[k].spec.preview_interval,
-            i + 1, n, f"step {i + 1}/{n}, batched with {others} other job(s)"))
-    return {k: to_pil(state[k]["x"].clamp(-1, 1).cpu()) for k in live}
+            plans[k].ctx, i + 1, n, x[k], pred_x0[k], plans[k].spec.preview_interval, i + 1, n,
+            f"step {i + 1}/{n}, {note}"))
+    return {k: to_pil(x[k].clamp(-1, 1).cpu()) for k in live}
 
 
 def predicted_x0(scheduler, model_output: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:

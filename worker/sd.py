@@ -387,12 +387,46 @@ def render_plan(plan: Plan) -> dict:
     return plan.finish(images)
 
 
+@dataclass
+class Share:
+    """One job's rows in a coalesced batch: its own scheduler (and so its own
+    multistep state), generators, guidance scales and text embeddings."""
+
+    scheduler: object
+    latents: torch.Tensor
+    guidance: torch.Tensor  # (rows, 1, 1, 1)
+    uncond: torch.Tensor
+    cond: torch.Tensor
+    step_kwargs: dict
+    preview_every: int
+
+
+def share_of(plan: Plan) -> Share:
+    """A job's rows set up as `denoise` sets up a batch: its noise from each row's generator."""
+    pipe, spec = plan.pipe, plan.spec
+    device, dtype = pipe.device, pipe.unet.dtype
+    scheduler = make_scheduler(pipe, spec.scheduler)
+    scheduler.set_timesteps(plan.rows[0].steps, device=device)
+    generators = [torch.Generator("cpu").manual_seed(row.seed) for row in plan.rows]
+    shape = (pipe.unet.config.in_channels, spec.height // pipe.vae_scale_factor, spec.width // pipe.vae_scale_factor)
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
+    return Share(
+        scheduler=scheduler,
+        latents=noise * scheduler.init_noise_sigma,
+        guidance=torch.tensor([row.guidance for row in plan.rows], device=device, dtype=dtype)[:, None, None, None],
+        uncond=plan.uncond[[row.uncond for row in plan.rows]],
+        cond=plan.cond[[row.cond for row in plan.rows]],
+        step_kwargs={"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {},
+        preview_every=spec.preview_every or max(1, plan.rows[0].steps // 8),
+    )
+
+
 @torch.no_grad()
 def render_coalesced(plans: list[Plan], on_error: Callable[[int, Exception], None]) -> dict[int, list[Image.Image]]:
     """Several jobs' rows (same pipeline, size, steps and scheduler) through the UNet
-    as one batch: the classifier-free-guidance loop of `denoise`, with each job's
-    own scheduler instance (schedulers keep per-batch state: PNDM's ets, DPM++'s
-    model outputs), generators, embeddings, progress, previews and cancel.
+    as one batch: the classifier-free-guidance loop of `denoise`, where each job
+    keeps its own `Share` (schedulers keep per-batch state: PNDM's ets, DPM++'s
+    model outputs), progress, previews and cancel.
 
     A job whose step hook raises (cancelled, lease lost, a failed write) leaves the
     batch through `on_error(index, exc)`, and the others go on; WorkerShuttingDown
@@ -400,49 +434,34 @@ def render_coalesced(plans: list[Plan], on_error: Callable[[int, Exception], Non
     from worker.coalesce import each_live
 
     pipe = plans[0].pipe
-    device, dtype = pipe.device, pipe.unet.dtype
-    spec = plans[0].spec
-    shape = (pipe.unet.config.in_channels, spec.height // pipe.vae_scale_factor, spec.width // pipe.vae_scale_factor)
-    state = {}
-    for k, plan in enumerate(plans):
-        scheduler = make_scheduler(pipe, plan.spec.scheduler)
-        scheduler.set_timesteps(plan.rows[0].steps, device=device)
-        generators = [torch.Generator("cpu").manual_seed(row.seed) for row in plan.rows]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
-        state[k] = {
-            "scheduler": scheduler,
-            "latents": noise * scheduler.init_noise_sigma,
-            "g": torch.tensor([row.guidance for row in plan.rows], device=device, dtype=dtype)[:, None, None, None],
-            "uncond": plan.uncond[[r.uncond for r in plan.rows]],
-            "cond": plan.cond[[r.cond for r in plan.rows]],
-            "extra": {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {},
-            "preview_every": plan.spec.preview_every or max(1, plan.rows[0].steps // 8),
-        }
-    timesteps = state[0]["scheduler"].timesteps
+    shares = [share_of(plan) for plan in plans]
+    timesteps = shares[0].scheduler.timesteps
     n = len(timesteps)
-    live = list(range(len(plans)))
-    others = len(plans) - 1
-    live = each_live(live, on_error, lambda k: plans[k].ctx.progress(
-        0, n, f"denoising, batched with {others} other job(s)", phase="denoise"))
+    note = f"batched with {len(plans) - 1} other job(s)"
+    live = each_live(list(range(len(plans))), on_error,
+                     lambda k: plans[k].ctx.progress(0, n, f"denoising, {note}", phase="denoise"))
     for i, t in enumerate(timesteps):
         if not live:
             break
-        # One UNet call: every live job's rows, unconditional halves first, then conditional.
-        scaled = {k: state[k]["scheduler"].scale_model_input(torch.cat([state[k]["latents"]] * 2), t) for k in live}
-        sizes = [len(state[k]["latents"]) for k in live]
-        latent_in = torch.cat([scaled[k][:m] for k, m in zip(live, sizes)] + [scaled[k][m:] for k, m in zip(live, sizes)])
-        text = torch.cat([state[k]["uncond"] for k in live] + [state[k]["cond"] for k in live])
+        # 1. One UNet call on every live job's rows: all unconditional halves, then all conditional ones.
+        scaled = [shares[k].scheduler.scale_model_input(torch.cat([shares[k].latents] * 2), t) for k in live]
+        sizes = [len(shares[k].latents) for k in live]
+        latent_in = torch.cat([x[:m] for x, m in zip(scaled, sizes)] + [x[m:] for x, m in zip(scaled, sizes)])
+        text = torch.cat([shares[k].uncond for k in live] + [shares[k].cond for k in live])
         uncond_all, cond_all = pipe.unet(latent_in, t, encoder_hidden_states=text).sample.chunk(2)
+        # 2. Each job's guidance and scheduler step on its own rows.
         for k, uncond, cond in zip(live, uncond_all.split(sizes), cond_all.split(sizes)):
-            s = state[k]
-            s["latents"] = s["scheduler"].step(uncond + s["g"] * (cond - uncond), t, s["latents"], **s["extra"]).prev_sample
+            share = shares[k]
+            noise = uncond + share.guidance * (cond - uncond)
+            share.latents = share.scheduler.step(noise, t, share.latents, **share.step_kwargs).prev_sample
+        # 3. Each job's cancel check, progress and previews; a job that stops leaves the batch.
         live = each_live(live, on_error, lambda k: step_done(
-            plans[k].ctx, pipe, i + 1, n, state[k]["latents"], state[k]["preview_every"], i + 1, n,
-            f"step {i + 1}/{n}, batched with {others} other job(s)"))
+            plans[k].ctx, pipe, i + 1, n, shares[k].latents, shares[k].preview_every, i + 1, n,
+            f"step {i + 1}/{n}, {note}"))
     images = {}
 
     def decode_job(k: int) -> None:
-        images[k] = decode(pipe, state[k]["latents"], plans[k].spec.batch_size)
+        images[k] = decode(pipe, shares[k].latents, plans[k].spec.batch_size)
 
     each_live(live, on_error, decode_job)
     return images
