@@ -25,6 +25,10 @@ class UnknownKind(SpecError):
     """The job kind is not one this service runs."""
 
 
+class KindDisabled(SpecError):
+    """The job kind exists but is switched off in the settings (such as `noop`)."""
+
+
 class JobNotFound(DiffqueueError):
     """No job with that id."""
 

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from shared.errors import SpecError, UnknownKind
+from shared.config import Settings
+from shared.errors import KindDisabled, SpecError, UnknownKind
 
 # A local folder name, or a Hugging Face hub id `org/name` (a local folder first).
 LOCAL_OR_HUB_MODEL = (
@@ -702,6 +703,17 @@ class SDSweepSpec(SDSpec):
         return self
 
 
+# ------------------------------------------------------------------------- noop
+MAX_NOOP_SLEEP_S = 60.0
+
+
+class NoopSpec(Spec):
+    """Do nothing (optionally sleep) and succeed: for measuring the queue's own overhead
+    (bench/queue.py). Hidden and refused unless DIFFQUEUE_ENABLE_NOOP=1."""
+
+    sleep_s: float = Field(0.0, ge=0, le=MAX_NOOP_SLEEP_S, description="Seconds to sleep, 0 to 60.")
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -712,6 +724,8 @@ class Kind:
     preset_help: dict[str, str] | None = None
     # The params most jobs set, in the order a form shows them; the rest are "more settings".
     main_fields: tuple[str, ...] = ()
+    # The Settings flag that must be on for the kind to be listed or submitted; None: always.
+    enabled_by: str | None = None
 
 
 SD_MAIN_FIELDS = ("model", "negative_prompt", "num_images_per_prompt", "guidance_scale", "steps", "width", "height",
@@ -732,8 +746,29 @@ KINDS: dict[str, Kind] = {
         Kind("sd.sweep", SDSweepSpec, "gpu", "Stable Diffusion: guidance sweep", SD_SWEEP_PRESETS,
              SD_SWEEP_PRESET_HELP, ("preset", "prompt", "guidance_scales", "seeds", "steps_list", "model",
                                     "negative_prompt", "steps", "width", "height")),
+        Kind("noop", NoopSpec, "cpu", "No-op (queue overhead)", enabled_by="enable_noop"),
     ]
 }
+# How a disabled kind's `enabled_by` flag is set, for the error message.
+ENABLE_ENV = {"enable_noop": "DIFFQUEUE_ENABLE_NOOP=1"}
+
+
+def kind_enabled(kind: Kind, settings: Settings) -> bool:
+    return kind.enabled_by is None or bool(getattr(settings, kind.enabled_by))
+
+
+def enabled_kinds(settings: Settings) -> dict[str, Kind]:
+    """The kinds this service lists and accepts: KINDS without those switched off."""
+    return {name: kind for name, kind in KINDS.items() if kind_enabled(kind, settings)}
+
+
+def check_kind_enabled(kind: str, settings: Settings) -> None:
+    """Refuse a kind that exists but is switched off (KindDisabled, naming `kind`); an
+    unknown kind is left to validate_params."""
+    if kind in KINDS and not kind_enabled(KINDS[kind], settings):
+        flag = KINDS[kind].enabled_by
+        reason = f"job kind {kind!r} is disabled; set {ENABLE_ENV.get(flag, flag)} to enable it"
+        raise KindDisabled(reason, {"kind": reason})
 
 
 def validate_priority(value: Any) -> int:
@@ -822,10 +857,11 @@ def params_schema(spec: type[Spec]) -> dict[str, Any]:
     return json.loads(_schema_text(spec))
 
 
-def kinds_schema() -> list[dict[str, Any]]:
-    """Every job kind with its params JSON schema, defaults and presets."""
+def kinds_schema(settings: Settings | None = None) -> list[dict[str, Any]]:
+    """The job kinds `settings` enable (every kind without settings) with their params
+    JSON schema, defaults and presets."""
     out = []
-    for kind in KINDS.values():
+    for kind in (KINDS if settings is None else enabled_kinds(settings)).values():
         entry = {
             "kind": kind.name,
             "title": kind.title,

@@ -13,7 +13,7 @@ from shared import auth, jobs, model_catalog, model_refs, schedules, uploads, we
 from shared.errors import JobNotFound, SpecError
 from shared.retention import expires_at, set_pinned
 from shared.models import Artifact, Job, JobStatus, Schedule, Upload
-from shared.specs import KINDS, kinds_schema, validate_priority
+from shared.specs import KINDS, check_kind_enabled, kinds_schema, validate_priority
 from shared.storage import job_key
 from web import services
 from web.auth import current_user, limiter, submit_limit
@@ -128,6 +128,7 @@ def create_job():
     if not isinstance(kind, str):
         raise SpecError("kind is required: one of " + ", ".join(sorted(KINDS)), {"kind": "required"})
     svc = services()
+    check_kind_enabled(kind, svc.settings)
     hook = webhooks.validate_fields(body, svc.settings)
     model_refs.check_job_refs(kind, params, svc.settings)
     job = jobs.submit(svc.sessions, svc.producer, kind, params, validate_priority(priority), owner=current_user(),
@@ -381,7 +382,7 @@ def list_schedule_jobs(schedule_id: str):
 
 @bp.get("/kinds")
 def list_kinds():
-    return jsonify({"kinds": kinds_schema()})
+    return jsonify({"kinds": kinds_schema(services().settings)})
 
 
 @bp.get("/models")

@@ -14,7 +14,7 @@ from flask import Blueprint, jsonify, redirect, render_template, request, url_fo
 from shared import auth, jobs, model_catalog, model_refs, schedules, uploads
 from shared.errors import SpecError
 from shared.retention import set_pinned
-from shared.specs import KINDS, kinds_schema, validate_priority
+from shared.specs import KINDS, check_kind_enabled, enabled_kinds, kinds_schema, validate_priority
 from web import forms, limits, services
 from web.auth import current_user, limiter, submit_limit
 from web.api import STATUSES, healthz, job_json, schedule_json
@@ -49,7 +49,7 @@ def _suggestions(svc, fields: list[dict]) -> dict[str, list[dict]]:
 
 def render_submit(kind: str, values: dict | None = None, errors: dict | None = None, status: int = 200,
                   files_dropped: bool = False):
-    entry = next(k for k in kinds_schema() if k["kind"] == kind)
+    entry = next(k for k in kinds_schema(services().settings) if k["kind"] == kind)
     values = values or {}
     # A nested field's error ("guidance.color") shows by its form field ("guidance").
     fields = forms.form_fields(entry["schema"])
@@ -94,7 +94,7 @@ def root_healthz():
 
 @bp.get("/submit")
 def submit_index():
-    return render_template("submit_index.html", kinds=kinds_schema())
+    return render_template("submit_index.html", kinds=kinds_schema(services().settings))
 
 
 @bp.route("/submit/<kind>", methods=["GET", "POST"])
@@ -103,6 +103,11 @@ def submit(kind: str):
     if kind not in KINDS:
         return render_template("error.html", code=404, message=f"unknown job kind {kind!r}"), 404
     svc = services()
+    try:
+        check_kind_enabled(kind, svc.settings)
+    except SpecError as exc:  # hidden from the forms: not found to look at, a bad request to post
+        code = 404 if request.method == "GET" else 400
+        return render_template("error.html", code=code, message=f"kind: {exc}"), code
     if request.method == "GET":
         values = {}
         if "from" in request.args:  # "submit again with changes": the job's params, pre-filled
@@ -154,8 +159,8 @@ def jobs_page():
         rows, total = jobs.list_jobs(session, status, kind, JOBS_PER_PAGE, offset, viewer=current_user())
         initial = [job_json(j, with_artifacts=False) for j in rows]
     return render_template(
-        "jobs.html", jobs=initial, total=total, status=status, kind=kind, statuses=STATUSES, kinds=list(KINDS),
-        offset=offset, limit=JOBS_PER_PAGE,
+        "jobs.html", jobs=initial, total=total, status=status, kind=kind, statuses=STATUSES,
+        kinds=list(enabled_kinds(services().settings)), offset=offset, limit=JOBS_PER_PAGE,
     )
 
 
@@ -235,7 +240,7 @@ def render_schedule_form(values: dict, errors: dict | None = None, status: int =
     return render_template(
         "schedule_form.html", values={**SCHEDULE_DEFAULTS, **values},
         params_text=params if isinstance(params, str) else json.dumps(params, indent=2),
-        errors=by_field, kinds=list(KINDS), timezones=sorted(available_timezones()),
+        errors=by_field, kinds=list(enabled_kinds(services().settings)), timezones=sorted(available_timezones()),
     ), status
 
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
+from shared.config import Settings
 from shared.errors import SpecError, UnknownKind
 from shared.specs import DDPM_PRESETS, kinds_schema, validate_params
 
@@ -156,9 +158,14 @@ def test_sample_class_label_range():
 
 
 # ------------------------------------------------------------------ schema
-def test_kinds_schema():
+def test_kinds_schema(tmp_path):
     kinds = {k["kind"]: k for k in kinds_schema()}
-    assert set(kinds) == {"ddpm.train", "ddpm.sample", "ddpm.schedule_plot", "sd.txt2img", "sd.img2img", "sd.sweep"}
+    assert set(kinds) == {"ddpm.train", "ddpm.sample", "ddpm.schedule_plot", "sd.txt2img", "sd.img2img", "sd.sweep",
+                          "noop"}
+    # What a service lists: noop only where DIFFQUEUE_ENABLE_NOOP is on.
+    settings = Settings.embedded(tmp_path)
+    assert {k["kind"] for k in kinds_schema(settings)} == set(kinds) - {"noop"}
+    assert {k["kind"] for k in kinds_schema(replace(settings, enable_noop=True))} == set(kinds)
     train, sample = kinds["ddpm.train"], kinds["ddpm.sample"]
     json.dumps(kinds)  # all of it serialisable
 

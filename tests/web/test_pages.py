@@ -32,8 +32,8 @@ def test_index_redirects_to_the_submit_page(client):
     html = client.get("/submit").get_data(as_text=True)
     from shared.specs import KINDS
 
-    for kind in KINDS:  # every kind's form is one click away
-        assert f'href="/submit/{kind}"' in html
+    for kind in KINDS:  # every kind's form is one click away, but noop, off by default
+        assert (f'href="/submit/{kind}"' in html) == (kind != "noop")
 
 
 def test_submit_page_has_the_fields(client):
@@ -201,7 +201,10 @@ REQUIRED_INPUT = {
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_every_form_sent_back_unchanged_gives_the_default_params(client, kind):
+def test_every_form_sent_back_unchanged_gives_the_default_params(sqlite_settings, kind):
+    from web import create_app
+
+    client = create_app(replace(sqlite_settings, enable_noop=True)).test_client()  # noop's form too
     typed, params = REQUIRED_INPUT.get(kind, ({}, {}))
     values = {**form_values(client.get(f"/submit/{kind}").get_data(as_text=True)), **typed}
     values.pop("csrf_token", None)
