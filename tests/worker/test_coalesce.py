@@ -124,11 +124,22 @@ def test_ddpm_sample_jobs_coalesced_equal_alone_and_a_bad_one_fails_alone(run_in
 
 def test_incompatible_jobs_are_not_coalesced(run_inline, tiny_sd_dir):
     one = {**BASE, "prompts": ["a rose"]}
-    first, steps, size, img2img = run_queued(
+    first, steps, size, other_kind = run_queued(
         run_inline, ("sd.txt2img", one), ("sd.txt2img", {**one, "steps": 3}),
         ("sd.txt2img", {**one, "width": 48}), ("ddpm.sample", {"model": "tiny-ddpm"}))
     assert first.status == "succeeded" and "batched_with" not in first.result
-    assert steps.status == size.status == img2img.status == "queued"
+    assert steps.status == size.status == other_kind.status == "queued"
+
+
+def test_a_queued_job_whose_params_do_not_validate_is_left_alone(run_inline, tiny_sd_dir):
+    one = {**BASE, "prompts": ["a rose"]}
+    first_id, bad_id = queue(run_inline, "sd.txt2img", one), queue(run_inline, "sd.txt2img", one)
+    with session_scope(run_inline._sessions(None)) as session:  # a row from before a spec change, say
+        session.execute(update(Job).where(Job.id == bad_id).values(params={**one, "steps": 0}))
+    first = run_inline.again(first_id)
+    assert first.status == "succeeded" and "batched_with" not in first.result
+    bad = run_inline.again(bad_id)  # its own message: it fails, naming the field
+    assert bad.status == "failed" and "steps" in bad.error
 
 
 def test_row_cap_and_coalesce_off(run_inline, sqlite_settings, tiny_sd_dir):
