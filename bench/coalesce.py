@@ -25,7 +25,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The repository root in place of bench/ itself, whose module names (bench/queue.py) would
+# shadow the standard library's.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch  # noqa: E402
 
