@@ -10,6 +10,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from worker.coalesce import each_live
+
 
 @torch.no_grad()
 def ddpm_denoise(
@@ -99,8 +101,6 @@ def ddpm_denoise_coalesced(plans: list[SamplePlan], device: str,
     previews and cancel. A job whose step hook raises leaves the batch through
     `on_error(index, exc)`; WorkerShuttingDown stops the whole batch. Returns
     {plan index: images} for the jobs that finished."""
-    from worker.coalesce import each_live
-
     unet = plans[0].unet
     cfg = unet.config
     height, width = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else cfg.sample_size

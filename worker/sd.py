@@ -37,6 +37,7 @@ from shared.config import Settings
 from shared.errors import ModelNotFound
 from shared.uploads import read_prompts
 from worker import hub, weights
+from worker.coalesce import each_live
 
 SCHEDULERS = {
     "pndm": PNDMScheduler,
@@ -431,8 +432,6 @@ def render_coalesced(plans: list[Plan], on_error: Callable[[int, Exception], Non
     A job whose step hook raises (cancelled, lease lost, a failed write) leaves the
     batch through `on_error(index, exc)`, and the others go on; WorkerShuttingDown
     stops the whole batch. Returns {plan index: images} for the jobs that finished."""
-    from worker.coalesce import each_live
-
     pipe = plans[0].pipe
     shares = [share_of(plan) for plan in plans]
     timesteps = shares[0].scheduler.timesteps
