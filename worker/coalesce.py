@@ -86,35 +86,36 @@ def gather(sessions, settings: Settings, leader: Member, worker_id: str) -> list
     partners: list[Member] = []
     passed: set[str] = {leader.job_id}  # looked at and not taken: not looked at again
     deadline = time.monotonic() + settings.coalesce_wait_s
-    while rows < settings.coalesce_max_rows:
-        with sessions() as session:
-            queued = session.execute(
-                select(Job.id, Job.kind, Job.params)
-                .where(Job.status == JobStatus.QUEUED.value, Job.kind.in_(kinds), Job.cancel_requested.is_(False))
-                .order_by(Job.priority.desc(), Job.created_at)
-                .limit(4 * settings.coalesce_max_rows)
-            ).all()
-        for job_id, kind, params in queued:
-            if job_id in passed:
-                continue
-            passed.add(job_id)
-            try:
-                spec = validate_params(kind, params)
-            except Exception:  # its own worker will fail it, with the message
-                continue
-            n = batch_rows(kind, spec)
-            if batch_key(kind, spec) != key or rows + n > settings.coalesce_max_rows:
-                continue
+    try:
+        while rows < settings.coalesce_max_rows:
             with sessions() as session:
-                token = jobs.claim(session, job_id, worker_id, settings.lease_s, settings.max_attempts)
-            if token is None:
-                continue
-            log.info("job %s (%s) coalesced into job %s's batch, attempt %d", job_id, kind, leader.job_id, token)
-            partners.append(Member(job_id, token, kind, spec))
-            rows += n
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_S)
+                queued = session.execute(
+                    select(Job.id, Job.kind, Job.params)
+                    .where(Job.status == JobStatus.QUEUED.value, Job.kind.in_(kinds),
+                           Job.cancel_requested.is_(False), Job.id.not_in(passed))
+                    .order_by(Job.priority.desc(), Job.created_at)
+                    .limit(settings.coalesce_max_rows)
+                ).all()
+            for job_id, kind, params in queued:
+                passed.add(job_id)
+                try:
+                    spec = validate_params(kind, params)
+                except Exception:  # its own worker will fail it, with the message
+                    continue
+                if batch_key(kind, spec) != key or rows + batch_rows(kind, spec) > settings.coalesce_max_rows:
+                    continue
+                with sessions() as session:
+                    token = jobs.claim(session, job_id, worker_id, settings.lease_s, settings.max_attempts)
+                if token is None:  # another worker was first
+                    continue
+                log.info("job %s (%s) coalesced into job %s's batch, attempt %d", job_id, kind, leader.job_id, token)
+                partners.append(Member(job_id, token, kind, spec))
+                rows += batch_rows(kind, spec)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_S)
+    except Exception:  # the database blinked: the jobs claimed so far are this batch, the rest wait their turn
+        log.exception("job %s: looking for jobs to batch with failed; going on with %d", leader.job_id, len(partners))
     return partners
 
 

@@ -124,11 +124,12 @@ def test_ddpm_sample_jobs_coalesced_equal_alone_and_a_bad_one_fails_alone(run_in
 
 def test_incompatible_jobs_are_not_coalesced(run_inline, tiny_sd_dir):
     one = {**BASE, "prompts": ["a rose"]}
-    first, steps, size, other_kind = run_queued(
-        run_inline, ("sd.txt2img", one), ("sd.txt2img", {**one, "steps": 3}),
-        ("sd.txt2img", {**one, "width": 48}), ("ddpm.sample", {"model": "tiny-ddpm"}))
+    prompts_file = {**BASE, "prompts_upload": "upload:" + "0" * 32}  # its rows are unknown until it is read
+    first, *others = run_queued(
+        run_inline, ("sd.txt2img", one), ("sd.txt2img", {**one, "steps": 3}), ("sd.txt2img", {**one, "width": 48}),
+        ("sd.txt2img", prompts_file), ("ddpm.sample", {"model": "tiny-ddpm"}))
     assert first.status == "succeeded" and "batched_with" not in first.result
-    assert steps.status == size.status == other_kind.status == "queued"
+    assert [job.status for job in others] == ["queued"] * 4
 
 
 def test_a_queued_job_whose_params_do_not_validate_is_left_alone(run_inline, tiny_sd_dir):
