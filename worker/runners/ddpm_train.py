@@ -147,16 +147,18 @@ def run(spec: DDPMTrainSpec, ctx: JobContext) -> dict:
         beta_end=spec.beta_end,
         prediction_type=spec.prediction_type,
     )
+    # The fused AdamW is one kernel over all tensors on CPU too: 2.3 ms a step instead of
+    # 9.8 for the digits UNet's 269 tensors (bench/ddpm_train.py), same update.
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=spec.learning_rate, betas=(spec.adam_beta1, spec.adam_beta2),
-        weight_decay=spec.adam_weight_decay, eps=spec.adam_epsilon, fused=device == "cuda",
+        weight_decay=spec.adam_weight_decay, eps=spec.adam_epsilon, fused=True,
     )
     lr_scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=spec.lr_warmup_steps,
                                  num_training_steps=total_steps)
     ema = None
     if spec.use_ema:
         ema = EMAModel(unet.parameters(), decay=spec.ema_max_decay, use_ema_warmup=True, inv_gamma=spec.ema_inv_gamma,
-                       power=spec.ema_power, model_cls=UNet2DModel, model_config=unet.config)
+                       power=spec.ema_power, foreach=True, model_cls=UNet2DModel, model_config=unet.config)
         ema.to(device)
     model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if spec.compile and device == "cuda":
