@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from shared import auth, webhooks
 from shared.broker import MAX_PRIORITY, RUN_JOB_TASK
@@ -87,7 +87,7 @@ def publish(factory: sessionmaker[Session], producer: Celery, job: Job) -> bool:
 
 def get_job(session: Session, job_id: str, viewer: User | None = None) -> Job:
     """The job, if `viewer` may see it (None: anyone may); JobNotFound otherwise."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, options=[joinedload(Job.owner)])  # job_json names the owner: one query
     if job is None or not auth.can_see(job.owner_id, viewer):
         raise JobNotFound(f"no job with id {job_id!r}")
     return job

@@ -76,6 +76,9 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_status_created", "status", "created_at"),
+        # The jobs list, newest first: all jobs (an admin), and one owner's.
+        Index("ix_jobs_created", "created_at"),
+        Index("ix_jobs_owner_created", "owner_id", "created_at"),
         UniqueConstraint("schedule_id", "scheduled_for", name="uq_jobs_schedule_occurrence"),
     )
 

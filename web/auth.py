@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, session, url_for
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from sqlalchemy import inspect
 
 from shared import auth
 from shared.models import User
@@ -49,7 +50,8 @@ def login_limit() -> str:
 def _load(session_, user: User | None) -> User | None:
     """A copy of the user that outlives the DB session (its columns loaded, then detached)."""
     if user is not None:
-        session_.refresh(user)
+        if inspect(user).expired_attributes:  # just loaded, as it is on every request, needs no second SELECT
+            session_.refresh(user)
         session_.expunge(user)
     return user
 
