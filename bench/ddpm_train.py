@@ -44,7 +44,8 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The repo root in place of bench/ itself: bench/queue.py must not shadow the standard library's queue.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
