@@ -197,6 +197,16 @@ class Stack:
             time.sleep(POLL_S)
         raise RuntimeError(f"job {job_id} not {statuses} after {timeout_s} s\n{self.log('worker')}")
 
+    def wait_drained(self, timeout_s: float = 600) -> None:
+        """Until the worker has run every queued job: the next measure finds it idle."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.sessions() as session:
+                if session.scalar(select(Job.id).where(Job.status.in_(("queued", "running"))).limit(1)) is None:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"jobs still queued after {timeout_s} s\n{self.log('worker')}")
+
     def db_size_bytes(self) -> int:
         return self.admin.execute("SELECT pg_database_size(%s)", (self.db_name,)).fetchone()[0]
 
@@ -415,6 +425,7 @@ def main() -> None:
         print(f"stack up: database {stack.db_name}, redis db {args.redis_db}, web {stack.url}")
         latency = submit_to_running(stack, args.jobs)
         throughput = submit_throughput(stack, args.throughput_jobs, args.threads)
+        stack.wait_drained()
         finished = stack.api("GET", "/jobs?status=succeeded&limit=1").json()["jobs"][0]["id"]
         gets = get_throughput(stack, finished, args.get_clients, args.get_seconds)
         stack.stop("worker")
