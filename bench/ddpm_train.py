@@ -14,21 +14,26 @@ runner, artifacts to local storage, progress and outcome in SQLite) on a temp
 embedded data dir, with the service's default progress and cancel-check intervals.
 Its options are set to match the loop where the preset differs: epsilon prediction,
 a constant lr of 1e-4 with no warmup, no gradient clipping, no EMA, no checkpoints
-and no sample grids along the way. The job's own clock (`metrics.json`
-`wall_time_s`: from the first step to the last, no set-up, export or final samples)
-gives its img/s; the loop is timed the same way, from a freshly built model. The
-job's whole wall time (data, model, export, a one-step final sample grid) is
-reported beside it.
+and no sample grids along the way.
+
+Each repeat builds both afresh and runs `--warmup` + `--steps` steps of each; the
+last `--steps` are timed (the job's from the moments it reports those steps done,
+see StepClock), so first-step costs (allocation, torch.compile) stay out of the
+rate. Repeats alternate loop and job, and the best of each is reported. The job's
+whole wall time (data, model, export, a one-step final sample grid) is reported
+beside it.
 
     .venv/bin/python bench/ddpm_train.py                      # CPU: the digits preset
     .venv/bin/python bench/ddpm_train.py --steps 20 --repeat 2
     .venv/bin/python bench/ddpm_train.py --device cuda        # GPU: book-64 on the digits as 64 px RGB
 
-On CUDA the loop stays the fp32 anchor at the preset's batch (16 for book-64, the
-book's), and the service runs with its CUDA options: bf16 autocast, channels_last,
+On CUDA the loop stays the fp32 anchor (TF32 convolutions, as PyTorch's defaults)
+at the preset's batch (16 for book-64, the book's), and the service runs with its CUDA options: bf16 autocast, channels_last,
 the fused AdamW (always on CUDA), TF32, `--service-batch` (256) and `--compile`.
 There the data is the digits as an RGB upload zip at the preset's size, as the
-book's butterflies cannot be downloaded offline (speed does not depend on content).
+book's butterflies cannot be downloaded offline (speed does not depend on content),
+and `--warmup` and `--steps` are rounded up to whole blocks of the trainer's loss
+read-back (LOSS_FLUSH_STEPS), the steps at which its clock waits for the GPU.
 """
 from __future__ import annotations
 
@@ -97,6 +102,47 @@ class TrainService(ServiceRunner):
         return upload_ref(upload.id)
 
 
+def machine_info() -> str:
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}{gpu}"
+
+
+def append_jsonl(path: str | Path, records: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+
+
+class StepClock:
+    """When each of a ddpm.train job's optimizer steps ended, in this process's clock.
+    The trainer reports progress after every step (only the database writes are
+    throttled), so the first report of each step in the `train` phase marks it. On
+    CUDA the report is synchronous with the GPU only at the steps where the trainer
+    reads its losses back (every LOSS_FLUSH_STEPS, and the last)."""
+
+    def __init__(self):
+        self.at: dict[int, float] = {}
+
+    def __enter__(self) -> "StepClock":
+        from worker.context import JobContext
+
+        original = self._original = JobContext.progress
+
+        def progress(ctx, step, total, message=None, phase=None):
+            if step >= 1 and ctx._phase == "train":
+                self.at.setdefault(step, time.perf_counter())
+            return original(ctx, step, total, message, phase)
+
+        JobContext.progress = progress
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from worker.context import JobContext
+
+        JobContext.progress = self._original
+
+
 def digits_like_the_service(spec: DDPMTrainSpec, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The bundled digits through the service's own preprocessing (worker/data/datasets.py),
     as uint8 (N, C, S, S), and their labels."""
@@ -108,10 +154,10 @@ def digits_like_the_service(spec: DDPMTrainSpec, channels: int) -> tuple[torch.T
     return torch.from_numpy(arrays), torch.tensor(labels)
 
 
-def book_loop(spec: DDPMTrainSpec, images: torch.Tensor, labels: torch.Tensor | None, steps: int, device: str,
-              seed: int = 0) -> float:
-    """The book's loop for `steps` steps on a freshly built model; returns seconds
-    from the first step to the last (as the service's `wall_time_s`)."""
+def book_loop(spec: DDPMTrainSpec, images: torch.Tensor, labels: torch.Tensor | None, warmup: int, steps: int,
+              device: str, seed: int = 0) -> float:
+    """The book's loop on a freshly built model for `warmup` + `steps` steps; returns
+    the seconds of the last `steps`."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
@@ -126,10 +172,12 @@ def book_loop(spec: DDPMTrainSpec, images: torch.Tensor, labels: torch.Tensor | 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     per_epoch = len(data) // spec.batch_size
     losses = []
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    started = time.perf_counter()
-    for step in range(steps):
+    if device == "cuda":  # PyTorch's defaults (the service's jobs turn TF32 matmuls on in this process)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    started = None
+    for step in range(warmup + steps):
+        if step == warmup:  # loss.item() below has waited for the device
+            started = time.perf_counter()
         if step % per_epoch == 0:
             perm = torch.randperm(len(data), device=device)
         idx = perm[(step % per_epoch) * spec.batch_size:(step % per_epoch + 1) * spec.batch_size]
@@ -143,7 +191,6 @@ def book_loop(spec: DDPMTrainSpec, images: torch.Tensor, labels: torch.Tensor | 
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    sync()
     return time.perf_counter() - started
 
 
@@ -152,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--preset", default=None, help="ddpm.train preset (default: digits on CPU, book-64 on CUDA)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per repeat")
-    parser.add_argument("--warmup", type=int, default=5, help="steps of the untimed warm-up run of each")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them in each repeat")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repeats; the best of each is reported")
     parser.add_argument("--service-batch", type=int, default=256, help="CUDA: the service's batch size")
     parser.add_argument("--compile", action="store_true", help="CUDA: the service also torch.compiles the UNet")
@@ -167,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         print("note: a CUDA device is visible, so the service's job trains on it; use --device cuda", file=sys.stderr)
     torch.set_num_threads(args.threads)
     preset = args.preset or ("book-64" if cuda else "digits")
+    if cuda:
+        from worker.runners.ddpm_train import LOSS_FLUSH_STEPS
+
+        args.warmup, args.steps = (-(-n // LOSS_FLUSH_STEPS) * LOSS_FLUSH_STEPS for n in (args.warmup, args.steps))
 
     with tempfile.TemporaryDirectory(prefix="diffqueue-bench-") as tmp:
         service = TrainService(Path(tmp) / "data", Path(tmp) / "models")
@@ -183,24 +234,22 @@ def main(argv: list[str] | None = None) -> int:
         params.update(json.loads(args.params))
         service_spec = validate_params("ddpm.train", params)
 
-        def service_run(steps: int) -> tuple[float, float]:
-            wall, result = service.run("ddpm.train", {**params, "max_steps": steps})
-            return result["wall_time_s"], wall
+        def service_run() -> tuple[float, float]:
+            total = args.warmup + args.steps
+            with StepClock() as clock:
+                wall, _ = service.run("ddpm.train", {**params, "max_steps": total})
+            return clock.at[total] - clock.at[args.warmup], wall
 
-        book_loop(loop_spec, images, labels, args.warmup, args.device)
-        service_run(args.warmup)
         loop_s, service_s, job_s = [], [], []
         for _ in range(args.repeat):  # interleaved, so drifting machine load hits both alike
-            loop_s.append(book_loop(loop_spec, images, labels, args.steps, args.device))
-            train, wall = service_run(args.steps)
+            loop_s.append(book_loop(loop_spec, images, labels, args.warmup, args.steps, args.device))
+            train, wall = service_run()
             service_s.append(train)
             job_s.append(wall)
 
     loop_ips = args.steps * loop_spec.batch_size / min(loop_s)
     service_ips = args.steps * service_spec.batch_size / min(service_s)
-    gpu = torch.cuda.get_device_name() if cuda else None
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-               + (f", {gpu}" if gpu else ""))
+    machine = machine_info()
     precision = service_spec.mixed_precision + (" + compile" if service_spec.compile else "")
     rows = [
         {"run": "book loop", "batch_size": loop_spec.batch_size, "precision": "fp32", "best_s": round(min(loop_s), 3),
@@ -210,23 +259,20 @@ def main(argv: list[str] | None = None) -> int:
          "images_per_s": round(service_ips, 1), "job_wall_s": round(min(job_s), 3)},
     ]
     ratio = round(service_ips / loop_ips, 3)
-    print(f"ddpm.train vs the book's loop: preset {preset}, {loop_spec.image_size} px, "
-          f"{args.steps} steps (best of {args.repeat}, interleaved), {args.device}; {machine}")
+    print(f"ddpm.train vs the book's loop: preset {preset}, {loop_spec.image_size} px, {args.steps} steps after "
+          f"{args.warmup} (best of {args.repeat}, interleaved), {args.device}; {machine}")
     print(f"{'run':<16} {'batch':>6} {'precision':>12} {'best s':>8} {'img/s':>8}  all s")
     for r in rows:
         print(f"{r['run']:<16} {r['batch_size']:>6} {r['precision']:>12} {r['best_s']:>8.3f} {r['images_per_s']:>8.1f}"
               f"  {r['all_s']}")
     print(f"service / loop: {ratio:.3f}x img/s; the job's whole wall time (set-up, export, final grid): "
           f"{rows[1]['job_wall_s']:.2f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        fh.write(json.dumps({
-            "bench": "ddpm_train", "preset": preset, "device": args.device, "steps": args.steps,
-            "repeat": args.repeat, "threads": torch.get_num_threads(), "machine": machine,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "service_params": params,
-            "loop": rows[0], "service": rows[1], "ratio_service_over_loop": ratio,
-        }) + "\n")
+    append_jsonl(args.out, [{
+        "bench": "ddpm_train", "preset": preset, "device": args.device, "steps": args.steps, "warmup": args.warmup,
+        "repeat": args.repeat, "threads": torch.get_num_threads(), "machine": machine,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "service_params": params,
+        "loop": rows[0], "service": rows[1], "ratio_service_over_loop": ratio,
+    }])
     return 0
 
 

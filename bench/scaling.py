@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import torch  # noqa: E402
 
-from bench.ddpm_train import TrainService  # noqa: E402
+from bench.ddpm_train import StepClock, TrainService, append_jsonl, machine_info  # noqa: E402
 from bench.sd_cpu import PROMPTS  # noqa: E402
 
 FULL = {"images": [1, 2, 4, 8, 16, 32, 64], "cells": [1, 2, 4, 8, 16, 32, 64],
@@ -41,33 +40,6 @@ FULL = {"images": [1, 2, 4, 8, 16, 32, 64], "cells": [1, 2, 4, 8, 16, 32, 64],
         "repeat": 2}
 QUICK = {"images": [1, 2, 4, 8], "cells": [1, 2, 4, 8], "train_sizes": [100, 400, 1797], "size": 32, "steps": 4,
          "width": 32, "train_steps": 5, "repeat": 2}
-
-
-class FirstStepClock:
-    """When a ddpm.train job finishes its first optimizer step: the trainer reports
-    progress after every step (only the database writes are throttled), so the first
-    report of a step >= 1 in the `train` phase marks it."""
-
-    def __init__(self):
-        self.at: float | None = None
-
-    def __enter__(self) -> "FirstStepClock":
-        from worker.context import JobContext
-
-        original = self._original = JobContext.progress
-
-        def progress(ctx, step, total, message=None, phase=None):
-            if self.at is None and step >= 1 and ctx._phase == "train":
-                self.at = time.perf_counter()
-            return original(ctx, step, total, message, phase)
-
-        JobContext.progress = progress
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from worker.context import JobContext
-
-        JobContext.progress = self._original
 
 
 def best_of(repeat: int, run):
@@ -94,10 +66,10 @@ def train_series(service: TrainService, sizes: list[int], preset: str, steps: in
         dataset = service.upload_digits(count=size)
 
         def one_job() -> tuple[float, float, dict]:
-            with FirstStepClock() as clock:
+            with StepClock() as clock:
                 started = time.perf_counter()
                 wall, result = service.run("ddpm.train", {"preset": preset, "dataset": dataset, "max_steps": steps})
-            return wall, clock.at - started, result
+            return wall, clock.at[1] - started, result
 
         wall, first_step, result = best_of(repeat, one_job)
         rows.append({"series": "ddpm.train", "n": result["dataset_size"], "wall_s": round(wall, 3),
@@ -143,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             service.run("ddpm.train", {"preset": args.preset, "max_steps": 1})  # imports and kernels, once
         rows += train_series(service, args.train_sizes, args.preset, args.train_steps, args.repeat)
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    machine = machine_info()
     print(f"Scaling on CPU ({machine}); best of {args.repeat}")
     print(f"SD: {args.size} px, {args.steps} steps, UNet base {args.width} ch, batch {args.batch_size}")
     for kind, unit in (("sd.txt2img", "s/img"), ("sd.sweep", "s/cell")):
@@ -158,15 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'images':>8} {'wall s':>9} {'first step s':>13} {'img/s':>8}")
         for r in series:
             print(f"{r['n']:>8} {r['wall_s']:>9.2f} {r['first_step_s']:>13.2f} {r['images_per_s']:>8.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     settings = {"sd_size": args.size, "sd_steps": args.steps, "sd_unet_base": args.width,
                 "sd_batch_size": args.batch_size, "train_preset": args.preset, "train_steps": args.train_steps,
                 "repeat": args.repeat, "threads": torch.get_num_threads()}
-    with out.open("a") as fh:
-        for r in rows:
-            fh.write(json.dumps({"bench": "scaling", **r, **settings, "machine": machine, "when": when}) + "\n")
+    append_jsonl(args.out, [{"bench": "scaling", **r, **settings, "machine": machine, "when": when} for r in rows])
     return 0
 
 
