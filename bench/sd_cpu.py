@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root in place of bench/ (bench/queue.py would shadow queue)
 
 import torch  # noqa: E402
 
