@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     loop_ips = args.steps * loop_spec.batch_size / min(loop_s)
     service_ips = args.steps * service_spec.batch_size / min(service_s)
     machine = machine_info()
-    precision = service_spec.mixed_precision + (" + compile" if service_spec.compile else "")
+    precision = {"no": "fp32"}.get(service_spec.mixed_precision, service_spec.mixed_precision)
+    precision += " + compile" if service_spec.compile else ""
     rows = [
         {"run": "book loop", "batch_size": loop_spec.batch_size, "precision": "fp32", "best_s": round(min(loop_s), 3),
          "all_s": [round(s, 3) for s in loop_s], "images_per_s": round(loop_ips, 1)},
