@@ -61,6 +61,7 @@ import requests  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from shared import auth, jobs  # noqa: E402
+from shared.cli import wait_healthy  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.db import make_engine, make_sessionmaker, session_scope, upgrade  # noqa: E402
 from shared.models import Job, User  # noqa: E402
@@ -154,17 +155,9 @@ class Stack:
     def start_web(self) -> None:
         self.start("web", ["web", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
                            str(self.web_workers)])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.procs["web"].poll() is not None:
-                raise RuntimeError("web exited:\n" + self.log("web"))
-            try:
-                if requests.get(self.url + "/healthz", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("web did not become healthy:\n" + self.log("web"))
+        if not wait_healthy(self.url, [self.procs["web"]], timeout_s=60):
+            exited = self.procs["web"].poll() is not None
+            raise RuntimeError(("web exited:\n" if exited else "web did not become healthy:\n") + self.log("web"))
 
     def stop(self, name: str, grace_s: float = 10.0) -> None:
         proc = self.procs.pop(name)

@@ -109,7 +109,7 @@ def cmd_up(args, _settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        if _wait_healthy(url, procs):
+        if wait_healthy(url, procs):
             print(f"diffqueue is up: {url}  (data in {data_dir}; Ctrl-C stops)", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
@@ -121,7 +121,9 @@ def cmd_up(args, _settings: Settings) -> None:
         _stop_all(procs)
 
 
-def _wait_healthy(url: str, procs, timeout_s: float = 120) -> bool:
+def wait_healthy(url: str, procs, timeout_s: float = 120) -> bool:
+    """Poll `url`/healthz until it answers 200 (True), a process in `procs` exits or
+    `timeout_s` passes (False). `diffqueue up`, the tests and the benches wait with it."""
     import requests
 
     deadline = time.monotonic() + timeout_s

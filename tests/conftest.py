@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from shared.cli import wait_healthy
 from shared.config import Settings
 from shared.db import upgrade
 
@@ -223,17 +224,9 @@ class Services:
 
     def start_web(self):
         self.start("web", ["web", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.procs["web"].poll() is not None:
-                raise RuntimeError("web exited:\n" + self.log("web"))
-            try:
-                if requests.get(self.url + "/healthz", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("web did not become healthy:\n" + self.log("web"))
+        if not wait_healthy(self.url, [self.procs["web"]], timeout_s=60):
+            exited = self.procs["web"].poll() is not None
+            raise RuntimeError(("web exited:\n" if exited else "web did not become healthy:\n") + self.log("web"))
 
     def start_worker(self, name: str = "worker"):
         return self.start(name, ["worker", "--queues", "gpu,cpu", "--loglevel", "info"])
