@@ -85,9 +85,11 @@ def publish(factory: sessionmaker[Session], producer: Celery, job: Job) -> bool:
     return True
 
 
-def get_job(session: Session, job_id: str, viewer: User | None = None) -> Job:
-    """The job, if `viewer` may see it (None: anyone may); JobNotFound otherwise."""
-    job = session.get(Job, job_id, options=[joinedload(Job.owner)])  # job_json names the owner: one query
+def get_job(session: Session, job_id: str, viewer: User | None = None, artifacts: bool = False) -> Job:
+    """The job, if `viewer` may see it (None: anyone may); JobNotFound otherwise. Its owner
+    comes in the same query (the job's JSON names it), and so do its artifacts if asked."""
+    options = [joinedload(Job.owner)] + ([joinedload(Job.artifacts)] if artifacts else [])
+    job = session.get(Job, job_id, options=options)
     if job is None or not auth.can_see(job.owner_id, viewer):
         raise JobNotFound(f"no job with id {job_id!r}")
     return job

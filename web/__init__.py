@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from celery import Celery
-from flask import Flask, current_app
+from flask import Flask, current_app, g
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,6 +15,7 @@ from shared.broker import make_producer
 from shared.config import Settings
 from shared.db import check_migrated, make_engine, make_sessionmaker
 from shared.storage import Storage, make_storage
+from web.auth_cache import AuthCache
 
 csrf = CSRFProtect()
 
@@ -22,13 +23,34 @@ csrf = CSRFProtect()
 @dataclass
 class Services:
     settings: Settings
-    sessions: sessionmaker[Session]
+    sessions: sessionmaker[Session]  # transactions: every write but a one-statement one
+    reads: sessionmaker[Session]  # autocommit: see `reads()`
     producer: Celery
     storage: Storage
+    auth_cache: AuthCache
 
 
 def services() -> Services:
     return current_app.extensions["diffqueue"]
+
+
+def reads() -> Session:
+    """This request's read session, opened on first use and closed when the request ends.
+
+    It runs in autocommit: no BEGIN and ROLLBACK round trips, and one pool checkout (one
+    pre-ping) shared by the sign-in check and the view. So it is for reads, and for writes
+    of one statement (a token's last use); a view that must write atomically opens its own
+    transaction with `services().sessions()`.
+    """
+    if "_reads" not in g:
+        g._reads = services().reads()
+    return g._reads
+
+
+def _close_reads(_exc: BaseException | None) -> None:
+    session = g.pop("_reads", None)
+    if session is not None:
+        session.close()
 
 
 def create_app(settings: Settings, check_schema: bool = True) -> Flask:
@@ -47,8 +69,10 @@ def create_app(settings: Settings, check_schema: bool = True) -> Flask:
     app.extensions["diffqueue"] = Services(
         settings=settings,
         sessions=make_sessionmaker(engine),
+        reads=make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT")),
         producer=make_producer(settings),
         storage=make_storage(settings),
+        auth_cache=AuthCache(engine, settings.auth_cache_s),
     )
     from web import api, auth, errors, limits, metrics, pages
 
@@ -63,4 +87,5 @@ def create_app(settings: Settings, check_schema: bool = True) -> Flask:
     metrics.init_app(app)  # GET /metrics, behind auth.load_user like every page
     auth.init_app(app)
     errors.init_app(app)
+    app.teardown_appcontext(_close_reads)
     return app

@@ -15,7 +15,7 @@ from shared.retention import expires_at, set_pinned
 from shared.models import Artifact, Job, JobStatus, Schedule, Upload
 from shared.specs import KINDS, check_kind_enabled, kinds_schema, validate_priority
 from shared.storage import job_key
-from web import services
+from web import reads, services
 from web.auth import current_user, limiter, submit_limit
 from web.errors import error_response
 from web.limits import MULTIPART_SLACK, json_body
@@ -155,8 +155,7 @@ def list_jobs():
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
-    with services().sessions() as session:
-        return jsonify(job_json(jobs.get_job(session, job_id, current_user())))
+    return jsonify(job_json(jobs.get_job(reads(), job_id, current_user(), artifacts=True)))
 
 
 @bp.post("/jobs/<job_id>/cancel")

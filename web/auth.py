@@ -8,16 +8,16 @@ None and every row is visible, as before.
 """
 from __future__ import annotations
 
+import time
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, session, url_for
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
-from sqlalchemy import inspect
 
 from shared import auth
 from shared.models import User
-from web import csrf, services
+from web import csrf, reads, services
 from web.errors import error_response
 
 bp = Blueprint("auth", __name__)
@@ -36,7 +36,23 @@ def _rate_key() -> str:
     return f"user:{user.id}" if user is not None else f"addr:{get_remote_address()}"
 
 
-limiter = Limiter(key_func=_rate_key, key_prefix="diffqueue", headers_enabled=True)
+# No X-RateLimit-* headers on every response: reading the window for them costs two
+# Redis round trips a request, a quarter of a GET's time. A refusal still says when to
+# come back (`_retry_after`).
+limiter = Limiter(key_func=_rate_key, key_prefix="diffqueue", headers_enabled=False)
+
+
+def _retry_after(response):
+    """A rate-limit refusal's Retry-After: seconds until its window resets (a quota refusal
+    sets its own)."""
+    limit = limiter.current_limit
+    if response.status_code == 429 and "Retry-After" not in response.headers and limit is not None:
+        try:
+            seconds = limit.reset_at - time.time()
+        except Exception:  # the limit store went away since it refused: a whole window
+            seconds = limit.limit.get_expiry()
+        response.headers["Retry-After"] = str(max(1, int(seconds)))
+    return response
 
 
 def submit_limit() -> str:
@@ -45,15 +61,6 @@ def submit_limit() -> str:
 
 def login_limit() -> str:
     return services().settings.rate_limit_login
-
-
-def _load(session_, user: User | None) -> User | None:
-    """A copy of the user that outlives the DB session (its columns loaded, then detached)."""
-    if user is not None:
-        if inspect(user).expired_attributes:  # just loaded, as it is on every request, needs no second SELECT
-            session_.refresh(user)
-        session_.expunge(user)
-    return user
 
 
 # Answered like the API (401, never a redirect to the sign-in page): scrapers follow no forms.
@@ -75,19 +82,19 @@ def load_user():
     if not svc.settings.auth_enabled or request.endpoint in PUBLIC_ENDPOINTS:
         return None
     header = request.headers.get("Authorization")
-    with svc.sessions() as db:
-        if header is not None:
-            scheme, _, token = header.partition(" ")
-            user = auth.user_for_token(db, token.strip()) if scheme.lower() == "bearer" else None
-            if user is None:
-                return _unauthenticated("the bearer token is not valid (unknown, malformed or revoked)")
-            g.user = _load(db, user)
-            return None
-        user = db.get(User, session["user_id"]) if "user_id" in session else None
+    db = reads()
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        user = svc.auth_cache.user_for_token(db, token.strip()) if scheme.lower() == "bearer" else None
         if user is None:
-            session.clear()
-            return _unauthenticated("sign in: send 'Authorization: Bearer <token>' (diffqueue token create --user NAME)")
-        g.user = _load(db, user)
+            return _unauthenticated("the bearer token is not valid (unknown, malformed or revoked)")
+        g.user = user
+        return None
+    user = svc.auth_cache.user_by_id(db, session["user_id"]) if "user_id" in session else None
+    if user is None:
+        session.clear()
+        return _unauthenticated("sign in: send 'Authorization: Bearer <token>' (diffqueue token create --user NAME)")
+    g.user = user
     # A cookie rides along on cross-site requests, so the API's writes need the CSRF
     # header when signed in by cookie (pages' forms are protected by CSRFProtect).
     if request.blueprint == "api" and request.method not in SAFE_METHODS and current_app.config["WTF_CSRF_ENABLED"]:
@@ -132,10 +139,11 @@ def init_app(app: Flask) -> None:
         RATELIMIT_DEFAULT=settings.rate_limit,
         # If the limit store (Redis) is down, serve rather than fail every request.
         RATELIMIT_SWALLOW_ERRORS=True,
-        RATELIMIT_HEADERS_ENABLED=True,
+        RATELIMIT_HEADERS_ENABLED=False,
     )
     # Before the limiter's own hook, so its key is the user, not only the address.
     app.before_request(load_user)
+    app.after_request(_retry_after)
     app.register_blueprint(bp)
     limiter.init_app(app)
     for endpoint in ("static", "pages.root_healthz", "api.healthz_v1"):

@@ -15,7 +15,7 @@ from shared import auth, jobs, model_catalog, model_refs, schedules, uploads
 from shared.errors import SpecError
 from shared.retention import set_pinned
 from shared.specs import KINDS, check_kind_enabled, enabled_kinds, kinds_schema, validate_priority
-from web import forms, limits, services
+from web import forms, limits, reads, services
 from web.auth import current_user, limiter, submit_limit
 from web.api import STATUSES, healthz, job_json, schedule_json
 
@@ -166,8 +166,7 @@ def jobs_page():
 
 @bp.get("/jobs/<job_id>")
 def job_page(job_id: str):
-    with services().sessions() as session:
-        job = job_json(jobs.get_job(session, job_id, current_user()))
+    job = job_json(jobs.get_job(reads(), job_id, current_user(), artifacts=True))
     return render_template("job.html", job=job, sample_kind=SAMPLE_KIND["DDPMPipeline"])
 
 
