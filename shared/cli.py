@@ -54,9 +54,9 @@ def cmd_db_upgrade(args, settings: Settings) -> None:
     print(f"database at head: {make_engine(settings.database_url).url.render_as_string(hide_password=True)}")
 
 
-def web_command(host: str, port: int, workers: int) -> list[str]:
+def web_command(host: str, port: int, workers: int, threads: int = 4) -> list[str]:
     return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
-            "--threads", "4", "--timeout", "120", "--access-logfile", "-", "web.wsgi:app"]
+            "--threads", str(threads), "--timeout", "120", "--access-logfile", "-", "web.wsgi:app"]
 
 
 def worker_command(queues: str, concurrency: int, loglevel: str) -> list[str]:
@@ -77,7 +77,7 @@ def cmd_beat(args, settings: Settings) -> None:
 
 def cmd_web(args, settings: Settings) -> None:
     require_migrated(settings)
-    cmd = web_command(args.host, args.port, args.workers)
+    cmd = web_command(args.host, args.port, args.workers, args.threads)
     os.execv(cmd[0], cmd)
 
 
@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("web", help="the web app and API under gunicorn")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    p.add_argument("--threads", type=int, default=4, help="threads per worker process")
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("worker", help="a Celery worker that runs jobs")
