@@ -263,3 +263,39 @@ def test_sd_jobs_through_the_worker(sqlite_settings, start_services, tiny_sd_dir
     job = svc.wait_finished(job_id, timeout_s=60)
     assert job["status"] == "cancelled"
     assert job["progress"]["step"] < 500 and job["progress"]["step"] - step_at_cancel <= 50
+
+
+def test_queued_compatible_jobs_run_as_one_batch(prod_settings, tmp_path, tiny_sd_dir):
+    """Cross-job batching through Celery on Redis + Postgres: three compatible txt2img
+    jobs queued before the worker starts are claimed by it together and denoised as one
+    batch; their own broker messages, delivered next, are dropped as duplicates; an
+    incompatible job (other steps) runs alone; each job has its own images."""
+    from tests.conftest import Services
+
+    svc = Services(prod_settings, tmp_path)
+    try:
+        svc.start_web()
+        base = {"model": "tiny-sd", "steps": 3, "width": 32, "height": 32}
+        prompts = [["a rose"], ["a fox", "a boat"], ["a lighthouse"]]
+        ids = [svc.api("POST", "/jobs", json={"kind": "sd.txt2img",
+                                              "params": {**base, "prompts": p, "seed": i}}).json()["id"]
+               for i, p in enumerate(prompts)]
+        odd = svc.api("POST", "/jobs", json={"kind": "sd.txt2img",
+                                             "params": {**base, "steps": 4, "prompts": ["a tulip"]}}).json()["id"]
+        svc.start_worker()
+        jobs = [svc.wait_finished(i) for i in ids]
+        for job, own_prompts in zip(jobs, prompts):
+            assert job["status"] == "succeeded" and job["attempt"] == 1, job["error"]
+            assert sorted(job["result"]["batched_with"]) == sorted(set(ids) - {job["id"]})
+            assert job["result"]["batch_rows"] == 4
+            images = [a for a in job["artifacts"] if a["name"].startswith("images/")]
+            assert len(images) == len(own_prompts)
+            for a in images:
+                assert Image.open(io.BytesIO(fetch(svc, a["url"]))).size == (32, 32)
+        alone = svc.wait_finished(odd)
+        assert alone["status"] == "succeeded" and "batched_with" not in alone["result"]
+        # The job whose message came first claimed the others: their messages are dropped.
+        svc.wait_until("the partners' own messages to be dropped",
+                       lambda: sum(f"job {i} not claimable" in svc.log("worker") for i in ids) == len(ids) - 1, 30)
+    finally:
+        svc.stop()
