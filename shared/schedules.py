@@ -263,14 +263,16 @@ def schedule_jobs(session: Session, schedule_id: str, limit: int = 50, offset: i
     return list(rows), total
 
 
-def run_now(factory: sessionmaker[Session], producer: Celery, schedule_id: str, now: datetime | None = None,
-            viewer: User | None = None) -> Job:
+def run_now(factory: sessionmaker[Session], producer: Celery, settings: Settings, schedule_id: str,
+            now: datetime | None = None, viewer: User | None = None) -> Job:
     """Enqueue the schedule's job at once, as an extra occurrence at `now`. It does not
     move the schedule's next run, and runs even while paused or at max_concurrent: the
-    user asked for it."""
+    user asked for it. A kind switched off since the schedule was made is refused
+    (KindDisabled)."""
     now = now or utcnow()
     with factory() as session:
         schedule = get_schedule(session, schedule_id, viewer)
+        check_kind_enabled(schedule.kind, settings)
         job = jobs.add_job(session, schedule.kind, schedule.params, schedule.priority, owner=_owner(session, schedule),
                            schedule_id=schedule.id, scheduled_for=now, **webhooks.inherited(schedule))
         schedule.last_run_at, schedule.last_job_id = now, job.id
@@ -305,9 +307,10 @@ def _skip(schedule: Schedule, reason: str, next_run: datetime) -> None:
     schedule.held_since = None
 
 
-def fire(session: Session, schedule: Schedule, now: datetime, grace_s: float) -> Job | None:
+def fire(session: Session, schedule: Schedule, now: datetime, settings: Settings) -> Job | None:
     """Decide what the due `schedule` does at `now`; return the job it enqueues, if any.
     The caller holds the row's lock and commits."""
+    grace_s = settings.schedule_grace_s
     due_at = schedule.next_run_at
     latest = latest_at_or_before(schedule.cron, schedule.timezone, now)
     upcoming = next_after(schedule.cron, schedule.timezone, now)
@@ -327,9 +330,10 @@ def fire(session: Session, schedule: Schedule, now: datetime, grace_s: float) ->
         _skip(schedule, f"missed the run due {latest.isoformat()} ({late_s:.0f} s late; missed_runs=skip)", upcoming)
         return None
     try:
+        check_kind_enabled(schedule.kind, settings)
         job = jobs.add_job(session, schedule.kind, schedule.params, schedule.priority, owner=_owner(session, schedule),
                            schedule_id=schedule.id, scheduled_for=latest, **webhooks.inherited(schedule))
-    except SpecError as exc:  # the template no longer validates (an upload deleted, a spec changed)
+    except SpecError as exc:  # the template no longer validates (an upload deleted, a spec changed, a kind off)
         _skip(schedule, f"job template refused: {exc}", upcoming)
         return None
     if latest > due_at:
@@ -368,7 +372,7 @@ def tick(factory: sessionmaker[Session], producer: Celery, settings: Settings,
                 session.rollback()
                 continue
             try:
-                job = fire(session, schedule, now, settings.schedule_grace_s)
+                job = fire(session, schedule, now, settings)
                 session.commit()
             except IntegrityError:  # this occurrence's job exists: another tick made it
                 session.rollback()

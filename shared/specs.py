@@ -823,7 +823,8 @@ def _telling_errors(errors: list[dict]) -> list[dict]:
 def validate_params(kind: str, params: Any) -> Spec:
     """Validate `params` for `kind`; raise SpecError naming each bad field and its bound."""
     if kind not in KINDS:
-        reason = f"unknown job kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}"
+        listed = sorted(name for name, k in KINDS.items() if k.enabled_by is None)  # not the hidden ones
+        reason = f"unknown job kind {kind!r}; known kinds: {', '.join(listed)}"
         raise UnknownKind(reason, {"kind": reason})
     if not isinstance(params, dict):
         raise SpecError("params must be a JSON object", {"params": "must be an object"})

@@ -366,7 +366,7 @@ def delete_schedule(schedule_id: str):
 @bp.post("/schedules/<schedule_id>/run-now")
 def run_schedule_now(schedule_id: str):
     svc = services()
-    job = schedules.run_now(svc.sessions, svc.producer, schedule_id, viewer=current_user())
+    job = schedules.run_now(svc.sessions, svc.producer, svc.settings, schedule_id, viewer=current_user())
     with svc.sessions() as session:
         return _accepted(job_json(jobs.get_job(session, job.id)), 202, url_for("api.get_job", job_id=job.id))
 

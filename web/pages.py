@@ -298,7 +298,7 @@ def schedule_action(schedule_id: str, action: str):
     """The schedules page's buttons: pause, resume, run-now, delete."""
     svc = services()
     if action == "run-now":
-        job = schedules.run_now(svc.sessions, svc.producer, schedule_id, viewer=current_user())
+        job = schedules.run_now(svc.sessions, svc.producer, svc.settings, schedule_id, viewer=current_user())
         return redirect(url_for("pages.job_page", job_id=job.id))
     with svc.sessions() as session:
         if action in ("pause", "resume"):

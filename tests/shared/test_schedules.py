@@ -195,7 +195,7 @@ def test_max_concurrent_with_queue_holds_the_run_until_a_slot_frees(clock):
 
 def test_run_now_adds_a_job_without_moving_the_schedule(clock):
     sid = clock.add(cron="0 * * * *", enabled=False)
-    job = schedules.run_now(clock.sessions, clock.producer, sid, now=at(10, 40))
+    job = schedules.run_now(clock.sessions, clock.producer, clock.settings, sid, now=at(10, 40))
     assert (job.schedule_id, job.scheduled_for, job.status) == (sid, at(10, 40), "queued")
     schedule = clock.get(sid)
     assert (schedule.next_run_at, schedule.last_job_id) == (None, job.id)

@@ -63,3 +63,32 @@ def test_on_a_submitted_noop_runs_through_the_executor_and_succeeds(noop_client,
     assert done.artifacts == []
     shown = noop_client.get(f"/api/v1/jobs/{job['id']}").get_json()
     assert shown["status"] == "succeeded" and shown["started_at"] and shown["finished_at"]
+
+
+def test_a_schedule_made_while_on_neither_fires_nor_runs_once_noop_is_off(noop_client, sqlite_settings):
+    """The flag is read when a schedule fires and on run-now, not only at creation."""
+    from datetime import timedelta
+
+    from shared import schedules
+    from shared.broker import make_producer
+    from shared.db import make_engine, make_sessionmaker
+    from web import create_app
+
+    sid = noop_client.post("/api/v1/schedules", json=SCHEDULE).get_json()["id"]
+    off = create_app(sqlite_settings).test_client()  # the same database, the flag now off
+    assert_disabled(off.post(f"/api/v1/schedules/{sid}/run-now"))
+    sessions = make_sessionmaker(make_engine(sqlite_settings.database_url))
+    with sessions() as session:
+        due = schedules.get_schedule(session, sid).next_run_at
+    made = schedules.tick(sessions, make_producer(sqlite_settings), sqlite_settings, now=due + timedelta(seconds=1))
+    assert made == []
+    schedule = off.get(f"/api/v1/schedules/{sid}").get_json()
+    assert schedule["skipped_runs"] == 1 and "DIFFQUEUE_ENABLE_NOOP" in schedule["last_skip_reason"]
+    assert total_jobs(off) == 0
+
+
+def test_unknown_kind_messages_do_not_list_hidden_kinds(client):
+    resp = client.post("/api/v1/jobs", json={"kind": "nop", "params": {}})
+    assert resp.status_code == 400
+    message = resp.get_json()["fields"]["kind"]
+    assert "unknown job kind 'nop'" in message and "sd.txt2img" in message and "noop" not in message
