@@ -45,8 +45,10 @@ limiter = Limiter(key_func=_rate_key, key_prefix="diffqueue", headers_enabled=Fa
 def _retry_after(response):
     """A rate-limit refusal's Retry-After: seconds until its window resets (a quota refusal
     sets its own)."""
+    if response.status_code != 429 or "Retry-After" in response.headers:
+        return response
     limit = limiter.current_limit
-    if response.status_code == 429 and "Retry-After" not in response.headers and limit is not None:
+    if limit is not None:
         try:
             seconds = limit.reset_at - time.time()
         except Exception:  # the limit store went away since it refused: a whole window
