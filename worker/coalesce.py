@@ -4,9 +4,10 @@ claims compatible queued jobs and renders them all as one denoising batch.
 Compatible means the same batch key: sd.txt2img and sd.sweep jobs share one if
 model, variant, dtype, VAE, size, steps and scheduler match (both are rows of
 prompt-conditioned guidance); ddpm.sample jobs if model, steps and scheduler match
-(the model fixes the size). A job is batched only if it fits in one UNet batch of
-its own (`batch_size`) and has one step count; colour-guided sampling, img2img,
-prompts files and `compile` always run alone.
+(the model fixes the size). A job is batched if it has one step count, and its
+images with the batch's stay within `coalesce_max_rows` (the worker's cap, which in a
+batch stands in for each job's own `batch_size`: a 9-scale sweep of batch 8 joins
+one); colour-guided sampling, img2img, prompts files and `compile` always run alone.
 
 The job row stays the truth: partners are claimed with `jobs.claim` (queued ->
 running, each with its own fencing token), so their own broker messages, arriving
@@ -43,12 +44,12 @@ def batch_key(kind: str, spec: Spec) -> tuple | None:
         if kind == "sd.txt2img" and spec.prompts is None:
             return None  # a prompts file: its row count is unknown until it is read
         step_counts = (spec.steps_list or [spec.steps]) if kind == "sd.sweep" else [spec.steps]
-        if len(set(step_counts)) != 1 or batch_rows(kind, spec) > spec.batch_size:
+        if len(set(step_counts)) != 1:
             return None
         return ("sd", spec.model, spec.variant, spec.torch_dtype, spec.vae, spec.vae_tiling, spec.width, spec.height,
                 step_counts[0], spec.scheduler)
     if kind == "ddpm.sample":
-        if spec.guidance is not None or spec.num_images > spec.batch_size:
+        if spec.guidance is not None:
             return None  # guidance takes a gradient through each batch of its own
         return ("ddpm", spec.model, spec.steps, spec.scheduler)
     return None

@@ -107,9 +107,22 @@ def test_a_sweep_cell_batched_with_txt2img_is_the_sweep_alone(run_inline, alone,
     assert close(pixels(other, "images/0000-00.png"), pixels(alone("sd.txt2img", txt), "images/0000-00.png"))
 
 
+def test_a_sweep_larger_than_its_batch_size_joins_a_batch(run_inline, alone, tiny_sd_dir):
+    """Alone, the 3 cells run as UNet batches of 2 and 1; in a batch, the worker's
+    row cap stands in for the job's batch_size, and the images are the same."""
+    sweep = {**BASE, "prompt": "a rose", "guidance_scales": [1.0, 4.0, 7.5], "seeds": [5], "batch_size": 2}
+    txt = {**BASE, "prompts": ["a fox"], "seed": 9}
+    cell, other = run_queued(run_inline, ("sd.sweep", sweep), ("sd.txt2img", txt))
+    assert cell.status == other.status == "succeeded", cell.traceback or other.traceback
+    assert cell.result["batched_with"] == [other.id] and cell.result["batch_rows"] == 4
+    reference = alone("sd.sweep", sweep)
+    for name in ("images/g1_s5.png", "images/g4_s5.png", "images/g7.5_s5.png"):
+        assert close(pixels(cell, name), pixels(reference, name)), name
+
+
 def test_ddpm_sample_jobs_coalesced_equal_alone_and_a_bad_one_fails_alone(run_inline, alone, tiny_ddpm_dir):
     base = {"model": "tiny-ddpm", "steps": 4, "scheduler": "ddpm"}  # ddpm: fresh noise every step, per image seed
-    params = [{**base, "num_images": 2, "seed": 0}, {**base, "num_images": 3, "seed": 100},
+    params = [{**base, "num_images": 2, "seed": 0}, {**base, "num_images": 3, "seed": 100, "batch_size": 2},
               {**base, "num_images": 1, "class_label": 3}]  # the model is not class-conditioned
     jobs = run_queued(run_inline, *[("ddpm.sample", p) for p in params])
     assert [j.status for j in jobs] == ["succeeded", "succeeded", "failed"]
