@@ -81,10 +81,10 @@ class Settings:
     # Authentication (API tokens and web logins). Off is allowed only in the embedded
     # single-user mode (a SQLite database); see `check()`.
     auth_enabled: bool = True
-    # How long a web process may keep the user of a token or session it has seen
-    # (web/token_cache.py). PostgreSQL tells it at once of a revoked token or a changed
-    # user; this bounds what it keeps if it missed that. 0 looks the user up every request.
-    auth_cache_s: float = 30.0
+    # How long a web process may keep the user of a token or session it has seen, and a
+    # job's JSON (web/cache.py). PostgreSQL tells it at once of a revoked token, a changed
+    # user or job; this bounds what it keeps if it missed that. 0 keeps nothing.
+    web_cache_s: float = 30.0
     # Rate limits (flask-limiter syntax), per user (or per address when signed out), kept in
     # ratelimit_storage_url (Redis when the broker is Redis; memory:// otherwise); and the
     # most queued jobs one user may have. A refusal is a 429 with Retry-After.
@@ -174,7 +174,7 @@ class Settings:
             schedule_min_interval_s=float(get("SCHEDULE_MIN_INTERVAL_S", defaults.schedule_min_interval_s)),
             schedule_grace_s=float(get("SCHEDULE_GRACE_S", defaults.schedule_grace_s)),
             auth_enabled=_bool(get("AUTH", "off" if database_url.startswith("sqlite") else "on")),
-            auth_cache_s=float(get("AUTH_CACHE_S", defaults.auth_cache_s)),
+            web_cache_s=float(get("WEB_CACHE_S", defaults.web_cache_s)),
             rate_limit=get("RATE_LIMIT", defaults.rate_limit),
             rate_limit_submit=get("RATE_LIMIT_SUBMIT", defaults.rate_limit_submit),
             rate_limit_login=get("RATE_LIMIT_LOGIN", defaults.rate_limit_login),
@@ -252,7 +252,7 @@ class Settings:
             "SCHEDULE_GRACE_S": str(self.schedule_grace_s),
             "AUTH": "on" if self.auth_enabled else "off",
             "TOKEN": self.api_token,
-            "AUTH_CACHE_S": str(self.auth_cache_s),
+            "WEB_CACHE_S": str(self.web_cache_s),
             "RATE_LIMIT": self.rate_limit,
             "RATE_LIMIT_SUBMIT": self.rate_limit_submit,
             "RATE_LIMIT_LOGIN": self.rate_limit_login,

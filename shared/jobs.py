@@ -334,11 +334,17 @@ def release(session: Session, job_id: str, token: int, message: str) -> bool:
 
 def eta_seconds(job: Job, now: datetime | None = None) -> float | None:
     """Remaining time, extrapolated from the current phase's rate so far."""
-    if job.job_status is not JobStatus.RUNNING or not job.progress_total or not job.progress_step:
-        return None
-    start = job.progress_started_at or job.started_at
-    if start is None:
+    return eta(*eta_inputs(job), now)
+
+
+def eta_inputs(job: Job) -> tuple:
+    """What `eta` needs of a job: kept with a job's cached JSON, whose ETA is of its moment."""
+    return job.job_status, job.progress_step, job.progress_total, job.progress_started_at or job.started_at
+
+
+def eta(status: JobStatus, step: int | None, total: int | None, start: datetime | None,
+        now: datetime | None = None) -> float | None:
+    if status is not JobStatus.RUNNING or not total or not step or start is None:
         return None
     elapsed = ((now or utcnow()) - start).total_seconds()
-    remaining = job.progress_total - job.progress_step
-    return round(max(0.0, elapsed / job.progress_step * remaining), 1)
+    return round(max(0.0, elapsed / step * (total - step)), 1)

@@ -15,7 +15,7 @@ from shared.broker import make_producer
 from shared.config import Settings
 from shared.db import check_migrated, make_engine, make_sessionmaker
 from shared.storage import Storage, make_storage
-from web.auth_cache import AuthCache
+from web.cache import WebCache
 
 csrf = CSRFProtect()
 
@@ -27,7 +27,7 @@ class Services:
     reads: sessionmaker[Session]  # autocommit: see `reads()`
     producer: Celery
     storage: Storage
-    auth_cache: AuthCache
+    cache: WebCache  # users and jobs' JSON, kept between requests
 
 
 def services() -> Services:
@@ -72,7 +72,7 @@ def create_app(settings: Settings, check_schema: bool = True) -> Flask:
         reads=make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT")),
         producer=make_producer(settings),
         storage=make_storage(settings),
-        auth_cache=AuthCache(engine, settings.auth_cache_s),
+        cache=WebCache(engine, settings.web_cache_s),
     )
     from web import api, auth, errors, limits, metrics, pages
 

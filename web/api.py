@@ -155,7 +155,35 @@ def list_jobs():
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
-    return jsonify(job_json(jobs.get_job(reads(), job_id, current_user(), artifacts=True)))
+    """The endpoint clients poll: the job's JSON is kept between requests (web/cache.py)
+    until the job or its artifacts change; the visibility check and the ETA are of now."""
+    owner_id, body, eta_inputs = services().cache.get(*_job_cache_key(job_id), lambda: _job_entry(job_id)) \
+        or (None, None, None)
+    if body is None or not auth.can_see(owner_id, current_user()):
+        raise JobNotFound(f"no job with id {job_id!r}")
+    return jsonify({**body, "progress": {**body["progress"], "eta_s": jobs.eta(*eta_inputs)}})
+
+
+def _job_cache_key(job_id: str) -> tuple[str, str]:
+    return "job:" + job_id, request.host_url  # its URLs are absolute
+
+
+@limiter.request_filter
+def _poll_answered_from_cache() -> bool:
+    """A poll of a job this process keeps, unchanged since it last read it, is not
+    counted against the rate limits: it reaches neither the database nor the queue,
+    which the limits protect, and counting it in Redis would cost more than answering
+    it (bench/queue.py). Everything else is counted."""
+    return (request.endpoint == "api.get_job" and request.method == "GET"
+            and services().cache.holds(*_job_cache_key(request.view_args["job_id"])))
+
+
+def _job_entry(job_id: str) -> tuple | None:
+    try:
+        job = jobs.get_job(reads(), job_id, artifacts=True)
+    except JobNotFound:
+        return None
+    return job.owner_id, job_json(job), jobs.eta_inputs(job)
 
 
 @bp.post("/jobs/<job_id>/cancel")

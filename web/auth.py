@@ -87,12 +87,12 @@ def load_user():
     db = reads()
     if header is not None:
         scheme, _, token = header.partition(" ")
-        user = svc.auth_cache.user_for_token(db, token.strip()) if scheme.lower() == "bearer" else None
+        user = svc.cache.user_for_token(db, token.strip()) if scheme.lower() == "bearer" else None
         if user is None:
             return _unauthenticated("the bearer token is not valid (unknown, malformed or revoked)")
         g.user = user
         return None
-    user = svc.auth_cache.user_by_id(db, session["user_id"]) if "user_id" in session else None
+    user = svc.cache.user_by_id(db, session["user_id"]) if "user_id" in session else None
     if user is None:
         session.clear()
         return _unauthenticated("sign in: send 'Authorization: Bearer <token>' (diffqueue token create --user NAME)")

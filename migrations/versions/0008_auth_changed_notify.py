@@ -1,6 +1,6 @@
 """users, api_tokens: NOTIFY diffqueue_auth when a token or a user changes
 
-Each web process keeps the users of recently seen tokens (`web/token_cache.py`), so a
+Each web process keeps the users of recently seen tokens (`web/cache.py`), so a
 request costs no sign-in query. These triggers tell every process, on commit, that a
 token was revoked or a user changed or went, whoever wrote it (the web, the CLI, SQL by
 hand), and the processes drop what they kept. A token's last use (`last_used_at`) is
