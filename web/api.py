@@ -6,7 +6,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from flask import Blueprint, Response, jsonify, redirect, request, url_for
+from flask import Blueprint, Response, g, jsonify, redirect, request, url_for
 from sqlalchemy import select, text
 
 from shared import auth, jobs, model_catalog, model_refs, schedules, uploads, webhooks
@@ -157,7 +157,9 @@ def list_jobs():
 def get_job(job_id: str):
     """The endpoint clients poll: the job's JSON is kept between requests (web/cache.py)
     until the job or its artifacts change; the visibility check and the ETA are of now."""
-    owner_id, body, eta_inputs = services().cache.get(*_job_cache_key(job_id), lambda: _job_entry(job_id)) \
+    # What the rate-limit check found kept, if it found it: answered as it was not counted.
+    kept = g.pop("kept_job", None)
+    owner_id, body, eta_inputs = kept or services().cache.get(*_job_cache_key(job_id), lambda: _job_entry(job_id)) \
         or (None, None, None)
     if body is None or not auth.can_see(owner_id, current_user()):
         raise JobNotFound(f"no job with id {job_id!r}")
@@ -173,9 +175,12 @@ def _poll_answered_from_cache() -> bool:
     """A poll of a job this process keeps, unchanged since it last read it, is not
     counted against the rate limits: it reaches neither the database nor the queue,
     which the limits protect, and counting it in Redis would cost more than answering
-    it (bench/queue.py). Everything else is counted."""
-    return (request.endpoint == "api.get_job" and request.method == "GET"
-            and services().cache.holds(*_job_cache_key(request.view_args["job_id"])))
+    it (bench/queue.py). Everything else is counted. What is found is what the view
+    answers, so a change arriving in between cannot make an uncounted read."""
+    if request.endpoint != "api.get_job" or request.method != "GET":
+        return False
+    g.kept_job = services().cache.peek(*_job_cache_key(request.view_args["job_id"]))
+    return g.kept_job is not None
 
 
 def _job_entry(job_id: str) -> tuple | None:

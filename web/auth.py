@@ -39,7 +39,14 @@ def _rate_key() -> str:
 # No X-RateLimit-* headers on every response: reading the window for them costs two
 # Redis round trips a request, a quarter of a GET's time. A refusal still says when to
 # come back (`_retry_after`).
-limiter = Limiter(key_func=_rate_key, key_prefix="diffqueue", headers_enabled=False)
+def default_limit() -> str:
+    """Every request's limit, read from the app's settings at each request: the limiter is
+    one object for every app a process builds (the tests build many), and limits given
+    in config would be those of the first."""
+    return services().settings.rate_limit
+
+
+limiter = Limiter(key_func=_rate_key, key_prefix="diffqueue", headers_enabled=False, default_limits=[default_limit])
 
 
 def _retry_after(response):
@@ -138,7 +145,6 @@ def init_app(app: Flask) -> None:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         RATELIMIT_STORAGE_URI=settings.ratelimit_storage_url,
-        RATELIMIT_DEFAULT=settings.rate_limit,
         # If the limit store (Redis) is down, serve rather than fail every request.
         RATELIMIT_SWALLOW_ERRORS=True,
         RATELIMIT_HEADERS_ENABLED=False,

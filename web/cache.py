@@ -85,13 +85,13 @@ class WebCache:
                     self._entries.setdefault(group, {})[sub] = (time.monotonic() + self.max_age_s, value)
         return value
 
-    def holds(self, group: str, sub: Hashable) -> bool:
-        """Whether a value is kept under (group, sub), up to date."""
+    def peek(self, group: str, sub: Hashable) -> Any:
+        """The value kept under (group, sub), up to date; None if there is none."""
         if not self.enabled or not self._fresh():
-            return False
+            return None
         with self._lock:
             hit = self._entries.get(group, {}).get(sub)
-        return hit is not None and hit[0] > time.monotonic()
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
 
     # ------------------------------------------------------------ listening
     def _fresh(self) -> bool:
