@@ -157,12 +157,11 @@ def list_jobs():
 def get_job(job_id: str):
     """The endpoint clients poll: the job's JSON is kept between requests (web/cache.py)
     until the job or its artifacts change; the visibility check and the ETA are of now."""
-    # What the rate-limit check found kept, if it found it: answered as it was not counted.
-    kept = g.pop("kept_job", None)
-    owner_id, body, eta_inputs = kept or services().cache.get(*_job_cache_key(job_id), lambda: _job_entry(job_id)) \
-        or (None, None, None)
-    if body is None or not auth.can_see(owner_id, current_user()):
+    # What the rate-limit check found kept, if it did: answered as it was not counted.
+    entry = g.pop("kept_job", None) or services().cache.get(*_job_cache_key(job_id), lambda: _job_entry(job_id))
+    if entry is None or not auth.can_see(entry[0], current_user()):
         raise JobNotFound(f"no job with id {job_id!r}")
+    _owner_id, body, eta_inputs = entry
     return jsonify({**body, "progress": {**body["progress"], "eta_s": jobs.eta(*eta_inputs)}})
 
 

@@ -36,9 +36,6 @@ def _rate_key() -> str:
     return f"user:{user.id}" if user is not None else f"addr:{get_remote_address()}"
 
 
-# No X-RateLimit-* headers on every response: reading the window for them costs two
-# Redis round trips a request, a quarter of a GET's time. A refusal still says when to
-# come back (`_retry_after`).
 def default_limit() -> str:
     """Every request's limit, read from the app's settings at each request: the limiter is
     one object for every app a process builds (the tests build many), and limits given
@@ -46,6 +43,9 @@ def default_limit() -> str:
     return services().settings.rate_limit
 
 
+# No X-RateLimit-* headers on every response: reading the window for them costs two
+# Redis round trips a request, a quarter of a GET's time. A refusal still says when to
+# come back (`_retry_after`).
 limiter = Limiter(key_func=_rate_key, key_prefix="diffqueue", headers_enabled=False, default_limits=[default_limit])
 
 
