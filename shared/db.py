@@ -24,6 +24,14 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 PING_AFTER_IDLE_S = 30.0
 
 
+def readable(fd: int) -> bool:
+    """Whether a socket has something to read (or was closed), without waiting. poll, not
+    select: select fails on descriptors past 1023."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
@@ -59,7 +67,7 @@ def make_engine(url: str) -> Engine:
         idle_since = record.info.get("idle_since")
         if idle_since is None:  # fresh from connect()
             return
-        if dbapi_conn.closed or select.select([dbapi_conn.fileno()], [], [], 0)[0]:
+        if dbapi_conn.closed or readable(dbapi_conn.fileno()):
             raise exc.DisconnectionError("the server closed the pooled connection")
         if time.monotonic() - idle_since > PING_AFTER_IDLE_S:
             try:

@@ -22,7 +22,6 @@ for each request, so no two requests share an ORM object.
 from __future__ import annotations
 
 import logging
-import select
 import threading
 import time
 from typing import Any, Callable, Hashable
@@ -32,6 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from shared import auth
+from shared.db import readable
 from shared.models import User
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class WebCache:
             if self._listener is None and not self._listen():
                 return False
             try:
-                if select.select([self._listener.fileno()], [], [], 0)[0]:
+                if readable(self._listener.fileno()):
                     # Readable: notifications, or the server ending the connection.
                     for note in self._listener.notifies(timeout=0):
                         self._apply(note.channel, note.payload)

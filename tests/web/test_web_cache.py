@@ -222,7 +222,7 @@ def test_a_value_loaded_across_a_change_is_not_kept(polled):
     """A request loads the job; the job changes and another request's check reads the
     notification before the first one is done: what the first loaded predates the
     change, so it is not kept (although nothing was kept of the job to drop)."""
-    import select as select_
+    from shared.db import readable
 
     app, _client, sessions, job_id, _reads = polled
     cache = app.extensions["diffqueue"].cache
@@ -233,7 +233,7 @@ def test_a_value_loaded_across_a_change_is_not_kept(polled):
         loads.append(1)
         if len(loads) == 1:
             change(sessions, job_id, progress_step=1)
-            assert eventually(lambda: bool(select_.select([cache._listener.fileno()], [], [], 0)[0]))
+            assert eventually(lambda: readable(cache._listener.fileno()))
             assert cache._fresh()  # as another request's check would
         return "what the job was"
 
