@@ -1,8 +1,6 @@
 """Engine, sessions and migrations, for PostgreSQL and SQLite alike."""
 from __future__ import annotations
 
-import select
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -11,7 +9,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event, exc
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,17 +17,6 @@ from shared.errors import DatabaseNotMigrated
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-# A pooled Postgres connection idle longer than this is pinged (a round trip) before use;
-# a younger one only has its socket looked at (`_check_on_checkout`).
-PING_AFTER_IDLE_S = 30.0
-
-
-def readable(fd: int) -> bool:
-    """Whether a socket has something to read (or was closed), without waiting. poll, not
-    select: select fails on descriptors past 1023."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def make_engine(url: str) -> Engine:
@@ -50,32 +37,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    engine = create_engine(url)
-
-    @event.listens_for(engine, "checkin")
-    def _idle_since(_dbapi_conn, record):
-        record.info["idle_since"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _check_on_checkout(dbapi_conn, record, _proxy):
-        """Pessimistic disconnect handling, like `pool_pre_ping` but without its round trip
-        on every checkout (a sixth of a GET's time). An idle connection has nothing to
-        read: a server that ended it (restart, pg_terminate_backend, idle timeout) has
-        sent its error and closed the socket, so a readable socket is a dead connection.
-        One idle for PING_AFTER_IDLE_S, which a silent network drop could have killed, is
-        pinged as before. Raising DisconnectionError makes the pool connect afresh."""
-        idle_since = record.info.get("idle_since")
-        if idle_since is None:  # fresh from connect()
-            return
-        if dbapi_conn.closed or readable(dbapi_conn.fileno()):
-            raise exc.DisconnectionError("the server closed the pooled connection")
-        if time.monotonic() - idle_since > PING_AFTER_IDLE_S:
-            try:
-                engine.dialect.do_ping(dbapi_conn)
-            except engine.dialect.loaded_dbapi.Error as e:
-                raise exc.DisconnectionError(f"the pooled connection failed a ping: {e}") from e
-
-    return engine
+    return create_engine(url, pool_pre_ping=True)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

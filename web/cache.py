@@ -22,6 +22,7 @@ for each request, so no two requests share an ORM object.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from typing import Any, Callable, Hashable
@@ -31,7 +32,6 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from shared import auth
-from shared.db import readable
 from shared.models import User
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,14 @@ class WebCache:
         with self._lock:
             if self._listener is not None:
                 self._drop_listener()
+
+
+def readable(fd: int) -> bool:
+    """Whether a socket has something to read (or was closed), without waiting. poll, not
+    select: select fails on descriptors past 1023."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _columns(user: User | None) -> dict | None:

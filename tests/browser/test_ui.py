@@ -53,6 +53,8 @@ def test_train_from_the_form_and_watch_it_run(ui, page, screenshots):
     # 1. From the submit page, choose ddpm.train, pick the tiny preset, submit.
     page.goto(ui.url + "/")
     page.get_by_role("link", name="ddpm.train", exact=True).click()
+    page.wait_for_url("**/submit/ddpm.train")
+    page.wait_for_load_state()  # app.js has attached its handlers (a loaded machine is slow to)
     # Choosing a preset fills in its values.
     page.select_option("#f-preset", "digits")
     assert (page.input_value("#f-max_steps"), page.is_checked("#f-use_ema")) == ("700", True)

@@ -222,7 +222,7 @@ def test_a_value_loaded_across_a_change_is_not_kept(polled):
     """A request loads the job; the job changes and another request's check reads the
     notification before the first one is done: what the first loaded predates the
     change, so it is not kept (although nothing was kept of the job to drop)."""
-    from shared.db import readable
+    from web.cache import readable
 
     app, _client, sessions, job_id, _reads = polled
     cache = app.extensions["diffqueue"].cache
