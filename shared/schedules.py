@@ -30,7 +30,7 @@ from shared import auth, jobs, model_refs, webhooks
 from shared.config import Settings
 from shared.errors import ScheduleNotFound, SpecError
 from shared.models import Job, JobStatus, MissedRuns, Overlap, Schedule, User, utcnow
-from shared.specs import KINDS, check_kind_enabled, validate_params
+from shared.specs import KINDS, check_kind_enabled, unknown_kind_reason, validate_params
 from shared.uploads import check_upload_refs
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def validate_schedule(data: Any, settings: Settings, now: datetime | None = None
         if reason:
             errors["cron"] = reason
     if fields.kind not in KINDS:
-        errors["kind"] = f"unknown job kind {fields.kind!r}; known kinds: {', '.join(sorted(KINDS))}"
+        errors["kind"] = unknown_kind_reason(fields.kind)
     else:
         try:
             check_kind_enabled(fields.kind, settings)

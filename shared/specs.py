@@ -820,11 +820,16 @@ def _telling_errors(errors: list[dict]) -> list[dict]:
     return [e for e in errors if not (union_field(e) in telling and _is_type_mismatch(e))]
 
 
+def unknown_kind_reason(kind: str) -> str:
+    """What a refusal of an unknown kind says: the known ones, not the hidden ones."""
+    listed = sorted(name for name, k in KINDS.items() if k.enabled_by is None)
+    return f"unknown job kind {kind!r}; known kinds: {', '.join(listed)}"
+
+
 def validate_params(kind: str, params: Any) -> Spec:
     """Validate `params` for `kind`; raise SpecError naming each bad field and its bound."""
     if kind not in KINDS:
-        listed = sorted(name for name, k in KINDS.items() if k.enabled_by is None)  # not the hidden ones
-        reason = f"unknown job kind {kind!r}; known kinds: {', '.join(listed)}"
+        reason = unknown_kind_reason(kind)
         raise UnknownKind(reason, {"kind": reason})
     if not isinstance(params, dict):
         raise SpecError("params must be a JSON object", {"params": "must be an object"})

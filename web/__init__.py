@@ -38,9 +38,9 @@ def reads() -> Session:
     """This request's read session, opened on first use and closed when the request ends.
 
     It runs in autocommit: no BEGIN and ROLLBACK round trips, and one pool checkout (one
-    pre-ping) shared by the sign-in check and the view. So it is for reads, and for writes of one statement
-    (a token's last use); a view that must write atomically opens its own transaction
-    with `services().sessions()`.
+    pre-ping) shared by the sign-in check and the view. So it is for reads, and for
+    writes of one statement (a token's last use); a view that must write atomically
+    opens its own transaction with `services().sessions()`.
     """
     if "_reads" not in g:
         g._reads = services().reads()

@@ -92,3 +92,7 @@ def test_unknown_kind_messages_do_not_list_hidden_kinds(client):
     assert resp.status_code == 400
     message = resp.get_json()["fields"]["kind"]
     assert "unknown job kind 'nop'" in message and "sd.txt2img" in message and "noop" not in message
+    resp = client.post("/api/v1/schedules", json={**SCHEDULE, "kind": "nop"})
+    assert resp.status_code == 400
+    message = resp.get_json()["fields"]["kind"]
+    assert "unknown job kind 'nop'" in message and "sd.txt2img" in message and "noop" not in message

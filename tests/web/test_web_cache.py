@@ -14,6 +14,7 @@ from sqlalchemy import delete, event, select, update
 from shared import auth, jobs
 from shared.db import make_engine, make_sessionmaker, session_scope
 from shared.models import ApiToken, Artifact, Job, JobStatus, User, utcnow
+from tests.conftest import api_token
 
 
 @pytest.fixture
@@ -203,19 +204,14 @@ def test_who_may_see_a_kept_job_is_checked_on_every_request(polled, prod_setting
     app, client, _sessions, job_id, reads = polled
     assert client.get(f"/api/v1/jobs/{job_id}").status_code == 200
     other = app.test_client()
-    other.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_token_for(prod_settings, 'bob-' + job_id[:6])}"
+    other.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_token(prod_settings, 'bob-' + job_id[:6], admin=False)}"
     resp = other.get(f"/api/v1/jobs/{job_id}")
     assert resp.status_code == 404 and job_id in resp.get_json()["message"]
     admin = app.test_client()
-    admin.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_token_for(prod_settings, 'root', admin=True)}"
+    admin.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_token(prod_settings, 'root', admin=True)}"
     assert admin.get(f"/api/v1/jobs/{job_id}").get_json()["id"] == job_id
     assert len(reads) == 1
 
-
-def api_token_for(settings, name: str, admin: bool = False) -> str:
-    from tests.conftest import api_token
-
-    return api_token(settings, name, admin)
 
 
 def test_a_value_loaded_across_a_change_is_not_kept(polled):
