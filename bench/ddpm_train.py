@@ -1,4 +1,4 @@
-"""The service's DDPM trainer against the book's plain training loop (SEEDS §2),
+"""The service's DDPM trainer against the book's plain training loop,
 with the same model, the same batch size and the same data.
 
 The loop: fp32, AdamW lr 1e-4, `noise = randn_like(x)`, `t = randint(0, T, (B,))`,
@@ -7,7 +7,7 @@ The loop: fp32, AdamW lr 1e-4, `noise = randn_like(x)`, `t = randint(0, T, (B,))
 Its batches are drawn from the whole set held as one normalised float tensor
 (shuffled each epoch), the leanest form of the book's DataLoader; the model is the
 service's `build_unet` of the preset, and class labels are passed when the preset is
-class-conditioned (the loop of §4).
+class-conditioned (the loop of the book's Fashion-MNIST model).
 
 The service: a `ddpm.train` job through the real in-process Executor (claim, the
 runner, artifacts to local storage, progress and outcome in SQLite) on a temp

@@ -365,14 +365,14 @@ def get_throughput(stack: Stack, job_id: str, clients: int, seconds: float) -> d
 
 # ------------------------------------------------------------------ 4. scaling
 def fill_queue(stack: Stack, size: int) -> int:
-    """Queued rows up to `size`, made by `jobs.add_job` (validated, owned), never published."""
+    """Queued rows up to `size`, made by `jobs.create` (through the door: validated, owned), never published."""
     with stack.sessions() as session:
         queued = len(session.scalars(select(Job.id).where(Job.status == "queued")).all())
     while queued < size:
         with session_scope(stack.sessions) as session:
             owner = session.get(User, stack.user_id)
             for _ in range(min(FILL_CHUNK, size - queued)):
-                jobs.add_job(session, "noop", {}, owner=owner)
+                jobs.create(session, stack.settings, "noop", {}, owner=owner)
                 queued += 1
     return queued
 

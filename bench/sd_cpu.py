@@ -1,7 +1,7 @@
 """Batching against plain diffusers, on CPU, with a small Stable Diffusion pipeline
 built from config (random weights: speed does not depend on them).
 
-(a) The guidance sweep of SEEDS §6 (9 scales, one seed) as 9 sequential
+(a) The article's guidance sweep (9 scales, one seed) as 9 sequential
     `StableDiffusionPipeline` calls, against the service's `sd.sweep` job, which
     runs the 9 cells as one batched loop.
 (b) A batch of prompts as one pipeline call per prompt, against the service's

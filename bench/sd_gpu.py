@@ -1,5 +1,5 @@
 """Batching against plain diffusers on a GPU, with Stable Diffusion 1.5 in fp16
-(SEEDS §5–6; the H100 anchors are 1.50 s/img at batch 1, 0.34 at batch 16, and the
+(the book's and the article's settings; the H100 anchors are 1.50 s/img at batch 1, 0.34 at batch 16, and the
 9-scale sweep 17.1 s as pipeline calls, 3.2 s as one batched loop).
 
 Same workloads and method as bench/sd_cpu.py, at 512 px and 50 steps by default,

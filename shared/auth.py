@@ -14,7 +14,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, joinedload
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -67,9 +67,19 @@ def create_user(session: Session, name: str, admin: bool = False, password: str 
 
 
 def set_password(user: User, password: str) -> None:
+    """Set the user's password, and end every web session they had: a password is
+    changed because someone else may know the old one, and may hold a cookie too."""
     if len(password) < MIN_PASSWORD:
         raise SpecError(f"password must be at least {MIN_PASSWORD} characters", {"password": f">= {MIN_PASSWORD} chars"})
     user.password_hash = generate_password_hash(password)
+    # In Python, not `User.session_epoch + 1`: a new user (create_user) is not inserted yet.
+    user.session_epoch = (user.session_epoch or 0) + 1
+
+
+def end_sessions(session: Session, user_id: str) -> None:
+    """End every web session of the user (sign-out): the cookies they were given carry
+    the old epoch, which web/auth.py refuses. One UPDATE, so two at once both count."""
+    session.execute(update(User).where(User.id == user_id).values(session_epoch=User.session_epoch + 1))
 
 
 def check_password(session: Session, name: str, password: str) -> User | None:

@@ -17,14 +17,17 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urljoin
 
-from shared.config import ConfigError, Settings
+from shared.config import MAKE_SECRET_KEY, PREFIX, ConfigError, Settings, secret_key_problem
 from shared.db import check_migrated, make_engine, upgrade
 from shared.errors import DatabaseNotMigrated
 
 SHUTDOWN_GRACE_S = 20
+RETRY_PAUSE_S = 1.0  # before a client command sends its request again
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
@@ -55,8 +58,27 @@ def cmd_db_upgrade(args, settings: Settings) -> None:
 
 
 def web_command(host: str, port: int, workers: int, threads: int = 4) -> list[str]:
+    """gunicorn with gthread's threads behind a loop that reads each request whole first
+    (web/server.py: a slow client holds no thread). Forwarding headers are trusted in
+    one place, the app's ProxyFix (DIFFQUEUE_PROXY_HOPS): gunicorn would take
+    X-Forwarded-Proto from any loopback peer unless told to trust no address."""
     return [sys.executable, "-m", "gunicorn", "--bind", f"{host}:{port}", "--workers", str(workers),
-            "--threads", str(threads), "--timeout", "120", "--access-logfile", "-", "web.wsgi:app"]
+            "--threads", str(threads), "--worker-class", "web.server.BufferedThreadWorker",
+            "--forwarded-allow-ips", "", "--timeout", "120", "--access-logfile", "-", "web.wsgi:app"]
+
+
+# Bind addresses meaning every interface: none of their URLs is the one users reach.
+WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
+
+
+def with_public_url(env: dict[str, str], host: str, port: int) -> dict[str, str]:
+    """The web's environment: DIFFQUEUE_PUBLIC_URL is the address it serves on unless `env`
+    names one, so that the API's URLs are absolute and work (`diffqueue up`, `diffqueue
+    web`). On a wildcard host no one address is right: the URLs stay paths."""
+    if env.get(PREFIX + "PUBLIC_URL") or host in WILDCARD_HOSTS:
+        return env
+    netloc = f"[{host}]" if ":" in host else host
+    return {**env, PREFIX + "PUBLIC_URL": f"http://{netloc}:{port}"}
 
 
 def worker_command(queues: str, concurrency: int, loglevel: str) -> list[str]:
@@ -71,14 +93,30 @@ def beat_command(loglevel: str) -> list[str]:
 def cmd_beat(args, settings: Settings) -> None:
     from shared.beat import run_beat
 
+    # Beat signs webhooks: with no DIFFQUEUE_WEBHOOK_SECRET, with a key derived from the
+    # secret key, which must then be a real one (and the same on every restart).
+    problem = None if settings.webhook_secret else secret_key_problem(settings.secret_key)
+    if problem is not None:
+        fail(f"refusing to start: DIFFQUEUE_SECRET_KEY {problem}, and DIFFQUEUE_WEBHOOK_SECRET is not set: webhooks "
+             f"would be signed with a key anyone can guess. Set one of them (make one with  {MAKE_SECRET_KEY} )", 2)
     require_migrated(settings)
     run_beat(settings, args.loglevel)
 
 
+def require_secret_key(settings: Settings) -> None:
+    """Refuse to start the web with auth on and no real DIFFQUEUE_SECRET_KEY (before
+    gunicorn, whose every worker would refuse it, so the message is said once)."""
+    try:
+        settings.check_secret_key()
+    except ConfigError as exc:
+        fail(f"refusing to start: {exc}", 2)
+
+
 def cmd_web(args, settings: Settings) -> None:
+    require_secret_key(settings)
     require_migrated(settings)
     cmd = web_command(args.host, args.port, args.workers, args.threads)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, with_public_url(dict(os.environ), args.host, args.port))
 
 
 def cmd_worker(args, settings: Settings) -> None:
@@ -89,36 +127,51 @@ def cmd_worker(args, settings: Settings) -> None:
 
 def cmd_up(args, _settings: Settings) -> None:
     """The embedded default: SQLite DB and broker, artifacts in the data dir, web,
-    worker and beat as child processes of this one."""
+    worker and beat as child processes of this one. The data dir supplies defaults; a
+    DIFFQUEUE_* variable set in the environment wins over them (DIFFQUEUE_MODELS_DIR, a
+    Postgres DIFFQUEUE_DATABASE_URL, ...), as everywhere else."""
     data_dir = Path(args.data_dir).resolve()
-    settings = Settings.embedded(data_dir)
+    settings = Settings.from_env({**os.environ, PREFIX + "DATA_DIR": str(data_dir)})
+    try:
+        settings.check()
+    except ConfigError as exc:
+        fail(f"refusing to start: {exc}", 2)
     upgrade(settings.database_url)
-    env = {**os.environ, **settings.as_env()}
+    env = {**os.environ, **settings.as_env()}  # one secret key for all three, made once here
     url = f"http://{args.host}:{args.port}"
+    # Each child in a session of its own: a terminal's Ctrl-C reaches them only through this
+    # process's SIGTERM, once each. A gthread web worker hit by both (the group's SIGINT,
+    # then its master's signal) can deadlock in its quit handler and outlive everything.
     procs = [
-        subprocess.Popen(worker_command("gpu,cpu", 1, args.loglevel), env=env),
-        subprocess.Popen(beat_command(args.loglevel), env=env),
-        # Its own session: a terminal's Ctrl-C reaches gunicorn only through this process's
-        # SIGTERM. A gthread worker hit by both (the group's SIGINT, then its master's
-        # signal) can deadlock in its quit handler and outlive everything, port held.
-        subprocess.Popen(web_command(args.host, args.port, 1), env=env, start_new_session=True),
+        subprocess.Popen(worker_command("gpu,cpu", 1, args.loglevel), env=env, start_new_session=True),
+        subprocess.Popen(beat_command(args.loglevel), env=env, start_new_session=True),
+        subprocess.Popen(web_command(args.host, args.port, 1), env=with_public_url(env, args.host, args.port),
+                         start_new_session=True),
     ]
 
     def stop(*_):
         raise KeyboardInterrupt
 
+    # Both explicitly: a process started with SIGINT ignored (a shell's background job, a
+    # script) would otherwise never turn Ctrl-C into KeyboardInterrupt.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         if wait_healthy(url, procs):
-            print(f"diffqueue is up: {url}  (data in {data_dir}; Ctrl-C stops)", flush=True)
+            print(f"diffqueue is up: {url}  (data in {data_dir}; models in {settings.models_dir}; Ctrl-C stops)",
+                  flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         failed = [p for p in procs if p.poll() is not None]
         print(f"diffqueue: a service exited (code {failed[0].returncode}); stopping", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         print("diffqueue: stopping", flush=True)
+        code = 0
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         _stop_all(procs)
+    sys.exit(code)
 
 
 def wait_healthy(url: str, procs, timeout_s: float = 120) -> bool:
@@ -148,6 +201,18 @@ def _stop_all(procs) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def cmd_alive(args, _settings: Settings) -> None:
+    """A container healthcheck: exit 0 if FILE was touched in the last --max-age-s seconds."""
+    from shared import liveness
+
+    age = liveness.age_s(Path(args.file))
+    if age is None:
+        fail(f"{args.file} does not exist: the process has not started (or DIFFQUEUE_LIVENESS_FILE differs)")
+    if age > args.max_age_s:
+        fail(f"{args.file} was last touched {age:.0f} s ago, more than {args.max_age_s:g} s: the process is stuck or gone")
+    print(f"alive: touched {age:.0f} s ago")
 
 
 # ------------------------------------------------------------------ users and tokens
@@ -196,7 +261,7 @@ def cmd_user_passwd(args, settings: Settings) -> None:
     with _user_session(settings) as session:
         user = auth.get_user(session, args.name) or fail(f"no user {args.name!r}")
         _checked(auth.set_password, user, _read_password(args))
-        print(f"password set for {user.name}")
+        print(f"password set for {user.name}; their web sessions are signed out")
 
 
 def cmd_user_list(args, settings: Settings) -> None:
@@ -248,15 +313,22 @@ def _api(settings: Settings, args) -> str:
     return (args.url or settings.api_url).rstrip("/") + "/api/v1"
 
 
-def _request(args, method: str, url: str, timeout: float = 30, **kw):
-    """An API call, signed with `args.token` if there is one; exits with the API's error."""
+def _request(args, method: str, url: str, timeout: float = 30, retry_once: bool = False, **kw):
+    """An API call, signed with `args.token` if there is one; exits with the API's error.
+    `retry_once`: send it again once after a network error (safe for a submit, which
+    carries an Idempotency-Key: the server answers with the job the first one made)."""
     import requests
 
     headers = {**({"Authorization": f"Bearer {args.token}"} if args.token else {}), **kw.pop("headers", {})}
-    try:
-        resp = requests.request(method, url, timeout=timeout, headers=headers, **kw)
-    except requests.RequestException as exc:
-        fail(f"cannot reach {url}: {exc}")
+    for attempt in range(2 if retry_once else 1):
+        try:
+            resp = requests.request(method, url, timeout=timeout, headers=headers, **kw)
+            break
+        except requests.RequestException as exc:
+            if attempt or not retry_once:
+                fail(f"cannot reach {url}: {exc}")
+            print(f"diffqueue: {url}: {type(exc).__name__}; sending it again", file=sys.stderr)
+            time.sleep(RETRY_PAUSE_S)
     if resp.status_code >= 400:
         try:
             body = resp.json()
@@ -283,7 +355,8 @@ def cmd_submit(args, settings: Settings) -> None:
     params = json.loads(Path(args.json).read_text()) if args.json else {}
     params.update(dict(parse_param(p) for p in args.param or []))
     body = {"kind": args.kind, "params": params, "priority": args.priority}
-    job = _request(args, "POST", _api(settings, args) + "/jobs", json=body).json()
+    job = _request(args, "POST", _api(settings, args) + "/jobs", json=body, retry_once=True,
+                   headers={"Idempotency-Key": str(uuid.uuid4())}).json()
     print(job["id"])
 
 
@@ -387,7 +460,8 @@ def cmd_download(args, settings: Settings) -> None:
         if dest.resolve() not in path.parents:
             fail(f"artifact name {a['name']!r} escapes {dest}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_request(args, "GET", a["url"]).content)
+        # A path when the service has no DIFFQUEUE_PUBLIC_URL: it is on the API's host.
+        path.write_bytes(_request(args, "GET", urljoin(_api(settings, args), a["url"])).content)
         print(path)
 
 
@@ -460,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("beat", help="Celery beat: enqueue scheduled jobs as they fall due")
     p.add_argument("--loglevel", default="info")
     p.set_defaults(func=cmd_beat)
+
+    p = sub.add_parser("alive", help="healthcheck: exit 0 if a worker's or beat's liveness file is fresh")
+    p.add_argument("file", help="its DIFFQUEUE_LIVENESS_FILE")
+    p.add_argument("--max-age-s", type=float, default=90.0)
+    p.set_defaults(func=cmd_alive)
 
     p = sub.add_parser("db", help="database commands")
     dbsub = p.add_subparsers(dest="db_command", required=True)

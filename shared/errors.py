@@ -21,6 +21,10 @@ class TooLarge(SpecError):
     """A request body or an upload over its size bound (answered 413); `fields` names it."""
 
 
+class IdempotencyConflict(SpecError):
+    """An Idempotency-Key sent again with a different request (answered 422)."""
+
+
 class UnknownKind(SpecError):
     """The job kind is not one this service runs."""
 
@@ -51,6 +55,21 @@ class LeaseLost(DiffqueueError):
 
 class StorageError(DiffqueueError):
     """A storage URL or backend problem."""
+
+
+class StorageFull(StorageError):
+    """A write to storage failed for lack of space (a full disk or quota, or an S3
+    service that says it has no space); answered 507 Insufficient Storage."""
+
+
+class StorageLow(StorageError):
+    """Local storage has less free space than DIFFQUEUE_STORAGE_MIN_FREE_BYTES (a
+    /healthz finding: writes still work, for now). `public_reason` is what the public
+    /healthz says: the bound, not the folder or how much is left."""
+
+    def __init__(self, message: str, public_reason: str):
+        super().__init__(message)
+        self.public_reason = public_reason
 
 
 class ModelNotFound(DiffqueueError):

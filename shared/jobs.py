@@ -7,59 +7,105 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Mapping
 
 from celery import Celery
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, joinedload, sessionmaker
 
-from shared import auth, webhooks
-from shared.broker import MAX_PRIORITY, RUN_JOB_TASK
+from shared import auth, idempotency, model_refs, outcomes, webhooks
+from shared.broker import RUN_JOB_TASK, broker_priority
 from shared.config import Settings
 from shared.db import session_scope
-from shared.errors import InvalidTransition, JobNotFound
+from shared.errors import InvalidTransition, JobNotFound, SpecError, UnknownKind
 from shared.models import Artifact, Job, JobStatus, User, utcnow
-from shared.specs import KINDS, validate_params
+from shared.specs import KINDS, check_kind_enabled, listed_kinds, validate_params, validate_priority
 from shared.uploads import check_upload_refs
 
 log = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------ client side
-def submit(
-    factory: sessionmaker[Session],
-    producer: Celery,
-    kind: str,
+# ------------------------------------------------------------------ the one door
+def admit(
+    session: Session,
+    settings: Settings,
+    kind: Any,
     params: Any,
-    priority: int = 0,
+    priority: Any = 0,
     owner: User | None = None,
-    max_queued: int | None = None,
-    **fields: Any,
+    webhook: Mapping[str, Any] | None = None,
+    pending: frozenset[str] = frozenset(),
+    quota: bool = True,
+) -> tuple[dict, int, dict]:
+    """Whether a job of `kind` with `params` may be queued for `owner`, asked the same way
+    whoever asks (the API, the form, a schedule's tick and run-now, retry). Returns the
+    validated params, the priority and the webhook columns; raises SpecError (naming the
+    field and the bound) or QuotaExceeded, having written nothing.
+
+    In order: the kind known and enabled; the params valid for its spec; each model or
+    dataset reference allowed (a folder under the models dir, or a hub id the allowlist
+    permits); each `upload:<id>` and `job:<id>` one the owner may see; the webhook fields;
+    the priority; then (`quota`) the owner's queued jobs under the cap, with the owner's
+    row locked so two submits at once cannot both pass. `pending` names upload fields
+    whose file is not stored yet (the form checks everything before it stores a file)."""
+    if not isinstance(kind, str):
+        reason = f"required: a string, one of {', '.join(listed_kinds())}"
+        raise UnknownKind(f"kind: {reason}", {"kind": reason})
+    check_kind_enabled(kind, settings)
+    values = validate_params(kind, params).model_dump(mode="json")
+    problems = model_refs.ref_problems(kind, values, settings)
+    if problems:
+        raise SpecError(f"invalid params for {kind}: " + "; ".join(f"{k}: {v}" for k, v in problems.items()), problems)
+    visible = {name: value for name, value in values.items() if name not in pending}
+    check_upload_refs(session, KINDS[kind].spec, visible, owner)
+    auth.check_job_refs(session, visible, owner)
+    hook = webhooks.validate_fields(webhook or {}, settings)
+    priority = validate_priority(priority)
+    if quota:
+        auth.check_quota(session, owner, settings.max_queued_per_user)
+    return values, priority, hook
+
+
+def create(
+    session: Session,
+    settings: Settings,
+    kind: Any,
+    params: Any,
+    priority: Any = 0,
+    owner: User | None = None,
+    webhook: Mapping[str, Any] | None = None,
+    **columns: Any,
 ) -> Job:
-    """Validate, insert a queued row, commit, then publish. The row is the truth:
-    if the publish fails, the row stays queued with no `published_at`. An
-    `upload:<id>` or `job:<id>` param must name one the owner may see (checked in the
-    same transaction, so a bad reference creates no job), and with `max_queued` the
-    owner may not have more queued jobs than that (QuotaExceeded)."""
-    with session_scope(factory) as session:
-        auth.check_quota(session, owner, max_queued)
-        job = add_job(session, kind, params, priority, owner=owner, **fields)
-    publish(factory, producer, job)
+    """The only way a job row is made: `admit`, then a queued row added to `session` (not
+    committed, not published: the caller commits, then `publish`es). `columns` are
+    further columns, such as a schedule's `schedule_id` and `scheduled_for`."""
+    values, priority, hook = admit(session, settings, kind, params, priority, owner, webhook)
+    job = Job(kind=kind, params=values, priority=priority, queue=KINDS[kind].queue, status=JobStatus.QUEUED.value,
+              owner_id=auth.owner_id_of(owner), **hook, **columns)
+    session.add(job)
+    session.flush()  # the id, and a unique-constraint violation, now rather than at commit
     return job
 
 
-def add_job(
-    session: Session, kind: str, params: Any, priority: int = 0, owner: User | None = None, **fields: Any
+def submit(
+    factory: sessionmaker[Session],
+    producer: Celery,
+    settings: Settings,
+    kind: Any,
+    params: Any,
+    priority: Any = 0,
+    owner: User | None = None,
+    webhook: Mapping[str, Any] | None = None,
+    idempotency_claim: idempotency.Claim | None = None,
+    **columns: Any,
 ) -> Job:
-    """Validate and add a queued row to `session` (not committed, not published), owned
-    by `owner`. `fields` are further columns, such as a schedule's `schedule_id`."""
-    values = validate_params(kind, params).model_dump(mode="json")
-    check_upload_refs(session, KINDS[kind].spec, values, owner)
-    auth.check_job_refs(session, values, owner)
-    job = Job(kind=kind, params=values, priority=priority, queue=KINDS[kind].queue, status=JobStatus.QUEUED.value,
-              owner_id=auth.owner_id_of(owner), **fields)
-    session.add(job)
-    session.flush()  # the id, and a unique-constraint violation, now rather than at commit
+    """`create`, committed, then published. The row is the truth: if the publish fails,
+    the row stays queued with no `published_at` and the reaper publishes it later. An
+    Idempotency-Key's claim is written in the same transaction as the job."""
+    with session_scope(factory) as session:
+        job = create(session, settings, kind, params, priority, owner, webhook, **columns)
+        idempotency.record(session, idempotency_claim, job.id)
+    publish(factory, producer, job)
     return job
 
 
@@ -69,7 +115,7 @@ def publish(factory: sessionmaker[Session], producer: Celery, job: Job) -> bool:
             RUN_JOB_TASK,
             args=[job.id],
             queue=job.queue,
-            priority=max(0, min(MAX_PRIORITY, job.priority)),
+            priority=broker_priority(job.priority, producer.conf.broker_url),
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
@@ -120,13 +166,16 @@ def cancel(session: Session, job_id: str) -> Job:
     if status.is_finished:
         raise InvalidTransition(f"job {job_id} is already {status.value}; only queued or running jobs can be cancelled")
     if status is JobStatus.QUEUED:
+        now = utcnow()
         done = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
-            .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=utcnow())
+            .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now)
         ).rowcount
         if done:
-            webhooks.job_event(session, job_id, "completed")  # committed by the caller, with the cancel
+            # Committed by the caller, with the cancel.
+            outcomes.count_finish(session, job_id, JobStatus.CANCELLED.value, now)
+            webhooks.job_event(session, job_id, "completed")
             session.refresh(job)
             return job
     # Running (or claimed between our read and the update above).
@@ -135,14 +184,16 @@ def cancel(session: Session, job_id: str) -> Job:
     return job
 
 
-def retry(session: Session, job_id: str, viewer: User | None = None, max_queued: int | None = None) -> Job:
-    """Put a failed or cancelled job back in the queue. Artifacts are kept: the run
-    overwrites them (keys are deterministic) and training can resume from them.
-    `viewer` must be able to see the job (else JobNotFound), and is held to `max_queued`."""
+def retry(session: Session, settings: Settings, job_id: str, viewer: User | None = None) -> Job:
+    """Put a failed or cancelled job back in the queue, through the same checks as a new
+    job (`admit`, for the job's owner: its kind still enabled, its references still
+    there and allowed, the owner under the quota). Artifacts are kept: the run overwrites
+    them (keys are deterministic) and training can resume from them. `viewer` must be
+    able to see the job (else JobNotFound)."""
     job = get_job(session, job_id, viewer)
-    auth.check_quota(session, viewer, max_queued)
     if not job.job_status.can_retry:
         raise InvalidTransition(f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried")
+    admit(session, settings, job.kind, job.params, job.priority, job.owner, webhooks.inherited(job))
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_([JobStatus.FAILED.value, JobStatus.CANCELLED.value]))
@@ -161,11 +212,11 @@ def retry(session: Session, job_id: str, viewer: User | None = None, max_queued:
     return job
 
 
-def retry_and_publish(factory: sessionmaker[Session], producer: Celery, job_id: str, viewer: User | None = None,
-                      max_queued: int | None = None) -> None:
+def retry_and_publish(factory: sessionmaker[Session], producer: Celery, settings: Settings, job_id: str,
+                      viewer: User | None = None) -> None:
     """`retry`, committed, then published: the row first, as in `submit`."""
     with factory() as session:
-        job = retry(session, job_id, viewer, max_queued)
+        job = retry(session, settings, job_id, viewer)
         session.commit()
     publish(factory, producer, job)
 
@@ -231,6 +282,7 @@ def recover_lost(session: Session, job: Job, now: datetime, max_attempts: int) -
     if not done:
         return None
     if values["status"] == JobStatus.FAILED.value:
+        outcomes.count_finish(session, job.id, JobStatus.FAILED.value, now)
         webhooks.job_event(session, job.id, "completed", now)
     log.warning("job %s: worker %s lost (%d of %d); %s", job.id, job.worker, lost, max_attempts, values["status"])
     return JobStatus(values["status"])
@@ -307,13 +359,15 @@ def finish(
 ) -> bool:
     """Record the outcome, conditional on the token. Returns False for a stale execution."""
     assert status.is_finished, status
+    now = utcnow()
     values: dict[str, Any] = {
-        "status": status.value, "finished_at": utcnow(), "lease_expires_at": None, "error": error, "traceback": traceback,
+        "status": status.value, "finished_at": now, "lease_expires_at": None, "error": error, "traceback": traceback,
     }
     if result is not None:
         values["result"] = result
     ok = session.execute(update(Job).where(*_owned(job_id, token)).values(**values)).rowcount == 1
     if ok:
+        outcomes.count_finish(session, job_id, status.value, now)
         webhooks.job_event(session, job_id, "completed")
     session.commit()
     return ok

@@ -3,9 +3,14 @@
 - `job:<id>`: a finished training job's model (whose owner check is shared/auth's).
 - `name` or `org/name` that is a folder under DIFFQUEUE_MODELS_DIR: it must stay inside
   that dir once symlinks are resolved. A link in the models dir to /etc, or to a folder
-  the service was never meant to serve, is refused rather than followed.
+  the service was never meant to serve, is refused rather than followed. A plain `name`
+  with no such folder is refused too: it is no hub id either (a typo such as `tyni-sd`
+  is a 400 at submit, not a failure on the worker minutes later).
 - Any other `org/name` is a Hugging Face hub id, and must match one of the
-  comma-separated fnmatch patterns of DIFFQUEUE_HUB_MODELS_ALLOW (`*`: any).
+  comma-separated fnmatch patterns of DIFFQUEUE_HUB_MODELS_ALLOW (`*`: any). A hub id
+  that moved (`HUB_ALIASES`: `runwayml/stable-diffusion-v1-5`, deleted from the hub in
+  2024) resolves to where it went; the allowlist is checked against that id, the one
+  downloaded, and the job's result names the alias.
 - Hub datasets (`hf:<name>[:split]`) follow the same list: both are downloads from the
   hub onto the workers, so one setting says what the service may fetch.
 
@@ -21,8 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Settings
-from shared.errors import SpecError
-from shared.specs import KINDS, validate_params
+from shared.specs import KINDS
+
+
+# Hub ids that are gone from the hub, and the copies that replaced them.
+HUB_ALIASES = {
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "runwayml/stable-diffusion-inpainting": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+}
 
 
 def allow_patterns(allow: str) -> list[str]:
@@ -42,8 +53,10 @@ def hub_refusal(repo_id: str, allow: str, what: str = "hub id") -> str | None:
 @dataclass(frozen=True)
 class ModelSource:
     kind: str  # "job", "local" or "hub"
-    path: Path | None = None  # local: the folder, symlinks resolved; None where there is none
+    path: Path | None = None  # local: the folder, symlinks resolved
     refused: str | None = None  # why the reference may not be used
+    hub_id: str | None = None  # hub: the id to load (an alias resolved)
+    alias_of: str | None = None  # hub: the id asked for, when it was an alias
 
 
 def model_source(ref: str, settings: Settings) -> ModelSource:
@@ -67,8 +80,12 @@ def model_source(ref: str, settings: Settings) -> ModelSource:
                 return ModelSource("local", refused=f"{ref!r} in DIFFQUEUE_MODELS_DIR is not a folder")
             return ModelSource("local", path=resolved)
     if "/" not in ref:
-        return ModelSource("local")  # no such folder: the worker says so, with the models dir it sees
-    return ModelSource("hub", refused=hub_refusal(ref, settings.hub_models_allow))
+        where = "DIFFQUEUE_MODELS_DIR" if root is not None else "DIFFQUEUE_MODELS_DIR, which is not set"
+        return ModelSource("local", refused=f"{ref!r} is not a folder under {where} (GET /api/v1/models lists "
+                                            "the models there), and not a hub id (org/name)")
+    hub_id = HUB_ALIASES.get(ref, ref)
+    return ModelSource("hub", refused=hub_refusal(hub_id, settings.hub_models_allow), hub_id=hub_id,
+                       alias_of=ref if hub_id != ref else None)
 
 
 def hub_dataset_name(ref: str) -> str | None:
@@ -93,13 +110,3 @@ def ref_problems(kind: str, values: dict[str, Any], settings: Settings) -> dict[
         if why:
             problems[name] = why
     return problems
-
-
-def check_job_refs(kind: str, params: Any, settings: Settings) -> None:
-    """Validate `params` for `kind` (SpecError as validate_params), then refuse any model
-    or dataset reference that may not be used, naming the field."""
-    values = validate_params(kind, params).model_dump(mode="json")
-    problems = ref_problems(kind, values, settings)
-    if problems:
-        summary = "; ".join(f"{k}: {v}" for k, v in problems.items())
-        raise SpecError(f"invalid params for {kind}: {summary}", problems)

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     BigInteger,
+    Float,
     Index,
     TypeDecorator,
 )
@@ -248,6 +249,10 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     # werkzeug's salted hash; None: this user signs in with API tokens only.
     password_hash: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    # Copied into the session cookie at sign-in; a cookie with another value is refused.
+    # Sign-out and a password change bump it, so they end every session of the user,
+    # copies of the cookie included (a signed cookie cannot be taken back otherwise).
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
 
 
@@ -287,3 +292,35 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(TZDateTime(), nullable=True)
+
+
+class IdempotencyKey(Base):
+    """An `Idempotency-Key` a user sent with a submit or an upload (Stripe's convention),
+    written in the transaction that made the resource: the same key again within
+    shared/idempotency.py's window gets that resource back instead of a second one."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("owner_key", "key", name="uq_idempotency_keys_owner_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner_key: Mapped[str] = mapped_column(String(32))  # the user's id; "-" with auth off
+    key: Mapped[str] = mapped_column(String(255))
+    endpoint: Mapped[str] = mapped_column(String(32))  # "jobs" | "uploads"
+    fingerprint: Mapped[str] = mapped_column(String(64))  # SHA-256 of the request
+    resource_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(TZDateTime(), default=utcnow, index=True)
+
+
+class JobOutcomeCount(Base):
+    """Counters for GET /metrics that only grow, as Prometheus expects of a counter or a
+    histogram: jobs finished per kind, status and duration bucket (-1: never started),
+    with their total run time. Incremented in the transaction that finishes a job, so
+    retention deleting old jobs takes nothing away."""
+
+    __tablename__ = "job_outcome_counts"
+
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    sum_s: Mapped[float] = mapped_column(Float, default=0.0)

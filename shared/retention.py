@@ -30,8 +30,9 @@ from typing import Any, Iterator
 from sqlalchemy import Text, and_, cast, delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs
+from shared import idempotency, jobs
 from shared.config import Settings
+from shared.db import session_scope
 from shared.models import FINISHED, Job, JobStatus, Schedule, Upload, User, utcnow
 from shared.storage import Storage, upload_key
 
@@ -191,9 +192,11 @@ def cleanup(factory: sessionmaker[Session], storage: Storage, settings: Settings
     `budget_s` seconds with `more` set, so beat can run again at once without holding
     its other work back."""
     out = Cleanup()
+    now = now or utcnow()
+    with session_scope(factory) as session:  # Idempotency-Keys past their window, whatever retention keeps
+        idempotency.forget_old(session, now)
     if settings.retention_days <= 0:
         return out
-    now = now or utcnow()
     cutoff = now - timedelta(days=settings.retention_days)
     deadline = None if budget_s is None else time.monotonic() + budget_s
 

@@ -26,12 +26,10 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import auth, jobs, model_refs, webhooks
+from shared import auth, jobs, webhooks
 from shared.config import Settings
-from shared.errors import ScheduleNotFound, SpecError
+from shared.errors import QuotaExceeded, ScheduleNotFound, SpecError
 from shared.models import Job, JobStatus, MissedRuns, Overlap, Schedule, User, utcnow
-from shared.specs import KINDS, check_kind_enabled, unknown_kind_reason, validate_params
-from shared.uploads import check_upload_refs
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +129,22 @@ def check_cron(cron: str, tz: str, min_interval_s: float, now: datetime) -> str 
 
 
 # ------------------------------------------------------------------ validation
-def validate_schedule(data: Any, settings: Settings, now: datetime | None = None) -> ScheduleFields:
+# The template's own fields; every other field a job refusal names is one of its params.
+TEMPLATE_FIELDS = ("kind", "params", "priority", *webhooks.FIELDS)
+
+
+def template_error(exc: SpecError) -> SpecError:
+    """A job refusal of the schedule's template, with params fields named `params.<field>`."""
+    fields = {(k if k in TEMPLATE_FIELDS else f"params.{k}"): v for k, v in exc.fields.items()}
+    return SpecError(f"job template refused: {exc}", fields)
+
+
+def validate_schedule(session: Session, data: Any, settings: Settings, owner: User | None,
+                      now: datetime | None = None) -> ScheduleFields:
     """Check a whole schedule; raise SpecError naming each bad field (params errors as
-    `params.<field>`), so nothing is saved."""
+    `params.<field>`), so nothing is saved. The job template goes through the job door's
+    checks (`jobs.admit`) as the schedule's owner, the queued-jobs quota aside: that is
+    counted when an occurrence makes its job."""
     if not isinstance(data, dict):
         raise SpecError("the body must be a JSON object", {"body": "must be an object"})
     try:
@@ -150,38 +161,17 @@ def validate_schedule(data: Any, settings: Settings, now: datetime | None = None
         reason = check_cron(fields.cron, fields.timezone, settings.schedule_min_interval_s, now or utcnow())
         if reason:
             errors["cron"] = reason
-    if fields.kind not in KINDS:
-        errors["kind"] = unknown_kind_reason(fields.kind)
-    else:
-        try:
-            check_kind_enabled(fields.kind, settings)
-        except SpecError as exc:
-            errors.update(exc.fields)
-        try:
-            fields.params = validate_params(fields.kind, fields.params).model_dump(mode="json")
-        except SpecError as exc:
-            errors.update({f"params.{k}": v for k, v in exc.fields.items()})
-        else:
-            refused = model_refs.ref_problems(fields.kind, fields.params, settings)
-            errors.update({f"params.{k}": v for k, v in refused.items()})
     try:
-        for name, value in webhooks.validate_fields(fields.model_dump(), settings).items():
-            setattr(fields, name, value)
+        fields.params, _, hook = jobs.admit(session, settings, fields.kind, fields.params, fields.priority, owner,
+                                            webhook=fields.model_dump(include=set(webhooks.FIELDS)), quota=False)
     except SpecError as exc:
-        errors.update(exc.fields)
+        errors.update(template_error(exc).fields)
+    else:
+        for name, value in hook.items():
+            setattr(fields, name, value)
     if errors:
         raise SpecError("invalid schedule: " + "; ".join(f"{k}: {v}" for k, v in errors.items()), errors)
     return fields
-
-
-def _check_refs(session: Session, fields: ScheduleFields, owner: User | None) -> None:
-    """The template's `upload:<id>` and `job:<id>` refs must exist and be the owner's, as
-    at submit; errors named `params.<field>`."""
-    try:
-        check_upload_refs(session, KINDS[fields.kind].spec, fields.params, owner)
-        auth.check_job_refs(session, fields.params, owner)
-    except SpecError as exc:
-        raise SpecError(str(exc), {f"params.{k}": v for k, v in exc.fields.items()}) from None
 
 
 # ------------------------------------------------------------------ rows
@@ -201,8 +191,7 @@ def get_schedule(session: Session, schedule_id: str, viewer: User | None = None)
 def create(session: Session, data: Any, settings: Settings, now: datetime | None = None,
            owner: User | None = None) -> Schedule:
     now = now or utcnow()
-    fields = validate_schedule(data, settings, now)
-    _check_refs(session, fields, owner)
+    fields = validate_schedule(session, data, settings, owner, now)
     schedule = Schedule(**fields.model_dump(mode="json"), owner_id=auth.owner_id_of(owner))
     schedule.next_run_at = next_after(fields.cron, fields.timezone, now) if fields.enabled else None
     session.add(schedule)
@@ -225,8 +214,7 @@ def update_schedule(session: Session, schedule_id: str, patch: Any, settings: Se
     current = {name: getattr(schedule, name) for name in EDITABLE}
     if "webhook_url" in patch and patch["webhook_url"] is None:  # removing the webhook removes its settings
         current.update(webhook_events=None, webhook_secret=None)
-    fields = validate_schedule({**current, **patch}, settings, now)
-    _check_refs(session, fields, _owner(session, schedule))
+    fields = validate_schedule(session, {**current, **patch}, settings, _owner(session, schedule), now)
     timing_changed = (fields.cron, fields.timezone) != (schedule.cron, schedule.timezone)
     resumed = fields.enabled and not schedule.enabled
     for name, value in fields.model_dump(mode="json").items():
@@ -267,14 +255,17 @@ def run_now(factory: sessionmaker[Session], producer: Celery, settings: Settings
             now: datetime | None = None, viewer: User | None = None) -> Job:
     """Enqueue the schedule's job at once, as an extra occurrence at `now`. It does not
     move the schedule's next run, and runs even while paused or at max_concurrent: the
-    user asked for it. A kind switched off since the schedule was made is refused
-    (KindDisabled)."""
+    user asked for it. It goes through the job door as any job does (a kind switched off
+    since, a reference gone, the owner's quota: SpecError or QuotaExceeded)."""
     now = now or utcnow()
     with factory() as session:
         schedule = get_schedule(session, schedule_id, viewer)
-        check_kind_enabled(schedule.kind, settings)
-        job = jobs.add_job(session, schedule.kind, schedule.params, schedule.priority, owner=_owner(session, schedule),
-                           schedule_id=schedule.id, scheduled_for=now, **webhooks.inherited(schedule))
+        try:
+            job = jobs.create(session, settings, schedule.kind, schedule.params, schedule.priority,
+                              _owner(session, schedule), webhooks.inherited(schedule), schedule_id=schedule.id,
+                              scheduled_for=now)
+        except SpecError as exc:
+            raise template_error(exc) from None
         schedule.last_run_at, schedule.last_job_id = now, job.id
         session.commit()
     jobs.publish(factory, producer, job)
@@ -330,11 +321,14 @@ def fire(session: Session, schedule: Schedule, now: datetime, settings: Settings
         _skip(schedule, f"missed the run due {latest.isoformat()} ({late_s:.0f} s late; missed_runs=skip)", upcoming)
         return None
     try:
-        check_kind_enabled(schedule.kind, settings)
-        job = jobs.add_job(session, schedule.kind, schedule.params, schedule.priority, owner=_owner(session, schedule),
-                           schedule_id=schedule.id, scheduled_for=latest, **webhooks.inherited(schedule))
-    except SpecError as exc:  # the template no longer validates (an upload deleted, a spec changed, a kind off)
-        _skip(schedule, f"job template refused: {exc}", upcoming)
+        job = jobs.create(session, settings, schedule.kind, schedule.params, schedule.priority,
+                          _owner(session, schedule), webhooks.inherited(schedule), schedule_id=schedule.id,
+                          scheduled_for=latest)
+    except SpecError as exc:  # the template no longer passes: an upload deleted, a spec changed, a kind off
+        _skip(schedule, str(template_error(exc)), upcoming)
+        return None
+    except QuotaExceeded as exc:
+        _skip(schedule, f"quota: {exc}", upcoming)
         return None
     if latest > due_at:
         log.info("schedule %s: one job for the occurrences %s .. %s", schedule.id, due_at.isoformat(),

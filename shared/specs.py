@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError, core_schema
 
 from shared.config import Settings
 from shared.errors import KindDisabled, SpecError, UnknownKind
@@ -26,15 +27,48 @@ LOCAL_OR_HUB_MODEL = (
 MODEL_REF_PATTERN = rf"^(job:[0-9a-f]{{32}}|{LOCAL_OR_HUB_MODEL})$"
 
 
+def _refuse_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_for_number", "Input should be a number, not a boolean")
+    return value
+
+
+# Keys of a core schema that hold no validator to look into.
+_NOT_SCHEMAS = frozenset({"cls", "config", "default", "expected", "metadata", "ref", "serialization"})
+
+
+def _no_bools_for_numbers(schema: Any) -> Any:
+    """A copy of a pydantic core schema in which every int, float and numeric Literal
+    validator refuses a bool first. pydantic's lax mode takes true as 1 (a bool is an
+    int in Python); its strict mode would refuse that, but also "5" for an int and a
+    dict for a nested spec, which clients send today."""
+    if isinstance(schema, list):
+        return [_no_bools_for_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if schema.get("type") == "function-before" and schema["function"].get("function") is _refuse_bool:
+        return schema  # a nested spec's schema, already done
+    out = {k: v if k in _NOT_SCHEMAS else _no_bools_for_numbers(v) for k, v in schema.items()}
+    numeric = schema.get("type") in ("int", "float") or schema.get("type") == "literal" and any(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in schema["expected"])
+    return core_schema.no_info_before_validator_function(_refuse_bool, out) if numeric else out
+
+
 class Spec(BaseModel):
-    """Base for all specs: unknown fields, NaN and Infinity are refused."""
+    """Base for all specs: unknown fields, NaN and Infinity are refused, and so is a
+    boolean for a number (`{"sleep_s": true}` is not 1 second)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        return _no_bools_for_numbers(handler(source))
+
 
 # --------------------------------------------------------------------------- DDPM
-# Presets are complete UNet + scheduler + data + training configs (SEEDS.md §2,
-# §4); explicit params override them. Level numbers count from 0 at full size.
+# Presets are complete UNet + scheduler + data + training configs (the book's and the
+# guide's training loops, the book's class-conditioned Fashion-MNIST model); explicit
+# params override them. Level numbers count from 0 at full size.
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "dataset": "digits",
@@ -161,18 +195,18 @@ DDPM_PRESET_HELP = {
     "tiny": "16 px, two levels, for tests: learns the digits' shapes on a CPU in under a minute.",
     "digits": "16 px class-conditioned UNet (1.6 M params, v-prediction, EMA) on scikit-learn's bundled digits: "
     "about 4 minutes on a 2-core CPU, and 98% of its samples are read as the right digit by an independent classifier.",
-    "fashion-32": "SEEDS §4: class-conditioned 1-channel 32 px UNet on Fashion-MNIST (padded 28 to 32), "
+    "fashion-32": "The book's class-conditioned 1-channel 32 px UNet on Fashion-MNIST (padded 28 to 32), "
     "batch 256, AdamW lr 3e-4 eps 1e-5, 25 epochs.",
-    "book-64": "SEEDS §2, the book: 64 px butterflies, 63 M-param UNet with attention at the two lowest levels, "
+    "book-64": "The book: 64 px butterflies, 63 M-param UNet with attention at the two lowest levels, "
     "betas 0.001-0.02, batch 16, AdamW lr 1e-4, 50 epochs.",
-    "guide-128": "SEEDS §2, the guide: 128 px butterflies, six-level UNet, cosine lr with 500 warmup steps, "
+    "guide-128": "The guide: 128 px butterflies, six-level UNet, cosine lr with 500 warmup steps, "
     "fp16 on a GPU, 50 epochs.",
 }
 DATASET_PATTERN = r"^(digits|upload:[0-9a-f]{32}|hf:[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?(:[A-Za-z0-9._\[\]%:+-]+)?)$"
 
 
 class DDPMTrainSpec(Spec):
-    """Train a diffusers UNet2DModel with a DDPMScheduler (SEEDS.md §2 and §4), with
+    """Train a diffusers UNet2DModel with a DDPMScheduler (the book's and the guide's loop), with
     EMA, lr warmup, gradient accumulation and clipping, mixed precision, and
     checkpoints that a re-run resumes from."""
 
@@ -290,7 +324,7 @@ class DDPMTrainSpec(Spec):
 
 
 class ColorGuidance(Spec):
-    """SEEDS.md §9: steer sampling toward a colour with no retraining. Before each
+    """The book's challenge: steer sampling toward a colour with no retraining. Before each
     scheduler step, x moves against the gradient (w.r.t. x) of `scale` times the mean
     absolute distance of the predicted x0 to `color`."""
 
@@ -317,8 +351,8 @@ MAX_PREVIEWS = 200  # previews/step-NNNN.png files per job
 
 class DDPMSampleSpec(Spec):
     """Sample images from a DDPM: a trained job's model, a local folder or a Hugging Face
-    hub pipeline (SEEDS.md §1, §4), with previews of x and the predicted x0 as it runs
-    and optional colour guidance (§9)."""
+    hub pipeline (the book's sampling loop), with previews of x and the predicted x0 as it runs
+    and optional colour guidance (the book's loss-guided sampling)."""
 
     model: str = Field(
         ...,
@@ -346,7 +380,7 @@ class DDPMSampleSpec(Spec):
         description="Write previews/step-NNNN.png (x beside the predicted x0, first batch) every this many steps "
         "and at the last. Empty: steps // 8.",
     )
-    guidance: ColorGuidance | None = Field(None, description="Colour guidance (SEEDS.md §9); empty: none.")
+    guidance: ColorGuidance | None = Field(None, description="Colour guidance (the book's loss-guided sampling); empty: none.")
 
     @field_validator("class_label")
     @classmethod
@@ -377,7 +411,7 @@ class DDPMSampleSpec(Spec):
         return self.preview_every or max(1, self.steps // 8)
 
 
-# SEEDS.md §3: the default, the cosine one, and linear with a low and a high beta_end.
+# The book's noise-schedule figure: the default, the cosine one, and linear with a low and a high beta_end.
 DEFAULT_NOISE_SCHEDULES: list[dict[str, Any]] = [
     {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "label": "linear"},
     {"beta_schedule": "squaredcos_cap_v2", "label": "cosine"},
@@ -414,7 +448,7 @@ class NoiseSchedule(Spec):
 
 class DDPMSchedulePlotSpec(Spec):
     """Plot how much signal and noise each timestep keeps under several noise
-    schedules, and one image noised at a few timesteps under each (SEEDS.md §3)."""
+    schedules, and one image noised at a few timesteps under each (the book's figures)."""
 
     num_train_timesteps: int = Field(1000, ge=10, le=4000)
     schedules: list[NoiseSchedule] = Field(
@@ -446,6 +480,9 @@ MAX_PROMPTS = 256  # prompts in one job's `prompts` list
 MAX_SD_IMAGES = 256  # images from one txt2img or img2img job with `prompts`
 MAX_SWEEP_CELLS = 64  # guidance scales x seeds x step counts in one sweep
 SD_MODEL_PATTERN = rf"^({LOCAL_OR_HUB_MODEL})$"
+# Stable Diffusion 1.5 on the hub: its original id (runwayml/...) was deleted in 2024, and
+# resolves here as an alias (shared/model_refs.py HUB_ALIASES).
+DEFAULT_SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # `upload:<id>` of an image, or `job:<id>/<artifact name>`: an image a finished job wrote.
 INIT_IMAGE_PATTERN = rf"^({UPLOAD_REF}|job:[0-9a-f]{{32}}/[^/\\\x00-\x1f][^\\\x00-\x1f]{{0,511}})$"
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
@@ -472,7 +509,7 @@ class SDSpec(Spec):
     """What every Stable Diffusion job has: the pipeline to load and how to sample."""
 
     model: str = Field(
-        "runwayml/stable-diffusion-v1-5",
+        DEFAULT_SD_MODEL,
         pattern=SD_MODEL_PATTERN,
         description="A folder under DIFFQUEUE_MODELS_DIR (a saved StableDiffusionPipeline), else a Hugging Face "
         "hub id `org/name`.",
@@ -581,7 +618,8 @@ class SDPromptsSpec(SDSpec):
         return self
 
 
-# SEEDS.md §5: the hand-written loops' settings, and the guide's fp16 weights with the fine-tuned VAE.
+# The hand-written loops' settings (the book's and the article's), and the guide's fp16 weights with the
+# fine-tuned VAE.
 SD_TXT2IMG_PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "article": {"scheduler": "pndm", "steps": 64, "guidance_scale": 9.0, "seed": 193},
@@ -590,15 +628,15 @@ SD_TXT2IMG_PRESETS: dict[str, dict[str, Any]] = {
 }
 SD_TXT2IMG_PRESET_HELP = {
     "default": "The service defaults: PNDM, 50 steps, guidance 7.5, seed 0, 512 px.",
-    "article": "SEEDS §5, the article's loop: PNDM, 64 steps, guidance 9.0, seed 193 (the article used "
+    "article": "The article's loop: PNDM, 64 steps, guidance 9.0, seed 193 (the article used "
     "CompVis/stable-diffusion-v1-4), a preview every steps // 8.",
-    "loop": "SEEDS §5, the hand-written loop: 512 x 512, 30 steps, guidance 7.5, seed 42.",
-    "guide": "SEEDS §5, the guide: the fp16 weights variant with the VAE swapped for stabilityai/sd-vae-ft-ema.",
+    "loop": "The book's hand-written loop: 512 x 512, 30 steps, guidance 7.5, seed 42.",
+    "guide": "The guide: the fp16 weights variant with the VAE swapped for stabilityai/sd-vae-ft-ema.",
 }
 
 
 class SDTxt2ImgSpec(SDPromptsSpec):
-    """Stable Diffusion text-to-image (SEEDS.md §5, §7): prompts with optional negative
+    """Stable Diffusion text-to-image (the book's Stable Diffusion chapter): prompts with optional negative
     prompts, several images per prompt, batched through the UNet, with previews."""
 
     preset: Literal["default", "article", "loop", "guide"] = Field(
@@ -612,7 +650,7 @@ class SDTxt2ImgSpec(SDPromptsSpec):
 
 
 class SDImg2ImgSpec(SDPromptsSpec):
-    """Stable Diffusion image-to-image variations (SEEDS.md §8): an init image, noised
+    """Stable Diffusion image-to-image variations (the book's Stable Diffusion chapter): an init image, noised
     to `strength` and denoised toward the prompts."""
 
     init_image: str = Field(
@@ -654,19 +692,19 @@ class SDImg2ImgSpec(SDPromptsSpec):
 
 
 DEFAULT_GUIDANCE_SCALES = [0.25, 0.5, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0]
-# SEEDS.md §6 (the article's sweep) and §5 (the guide's guidance comparison).
+# The article's sweep, and the guide's guidance comparison.
 SD_SWEEP_PRESETS: dict[str, dict[str, Any]] = {
     "article": {"guidance_scales": DEFAULT_GUIDANCE_SCALES, "seeds": [193], "steps": 50, "scheduler": "pndm"},
     "guide": {"guidance_scales": [1.0, 2.0, 4.0, 12.0], "seeds": [0], "steps": 50, "scheduler": "pndm"},
 }
 SD_SWEEP_PRESET_HELP = {
-    "article": "SEEDS §6: guidance 0.25 to 20 (nine scales), seed 193, 50 steps.",
-    "guide": "SEEDS §5: guidance 1, 2, 4 and 12, seed 0, 50 steps.",
+    "article": "The article's sweep: guidance 0.25 to 20 (nine scales), seed 193, 50 steps.",
+    "guide": "The guide's comparison: guidance 1, 2, 4 and 12, seed 0, 50 steps.",
 }
 
 
 class SDSweepSpec(SDSpec):
-    """Stable Diffusion guidance sweep (SEEDS.md §6): one prompt at every guidance
+    """Stable Diffusion guidance sweep (the article's): one prompt at every guidance
     scale x seed x step count, batched into one denoising loop, and a grid of it all."""
 
     preset: Literal["article", "guide"] = Field("article", description="Base settings; other params override them.")
@@ -779,7 +817,7 @@ def validate_priority(value: Any) -> int:
 
 
 # pydantic tags union members in error locations ("int", "constrained-str", "list[...]").
-_UNION_TAG = re.compile(r"^(int|str|float|bool|constrained-str|(list|union|dict)\[.*\])$")
+_UNION_TAG = re.compile(r"^(int|str|float|bool|constrained-str|(list|union|dict|function-before)\[.*\])$")
 
 
 def _field_path(loc: tuple) -> str:
@@ -820,10 +858,13 @@ def _telling_errors(errors: list[dict]) -> list[dict]:
     return [e for e in errors if not (union_field(e) in telling and _is_type_mismatch(e))]
 
 
+def listed_kinds() -> list[str]:
+    """The kinds a refusal lists: the known ones, not the hidden ones."""
+    return sorted(name for name, k in KINDS.items() if k.enabled_by is None)
+
+
 def unknown_kind_reason(kind: str) -> str:
-    """What a refusal of an unknown kind says: the known ones, not the hidden ones."""
-    listed = sorted(name for name, k in KINDS.items() if k.enabled_by is None)
-    return f"unknown job kind {kind!r}; known kinds: {', '.join(listed)}"
+    return f"unknown job kind {kind!r}; known kinds: {', '.join(listed_kinds())}"
 
 
 def validate_params(kind: str, params: Any) -> Spec:

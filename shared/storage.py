@@ -5,19 +5,30 @@ rather than duplicates.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 import re
 import shutil
 import tempfile
+import time
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Protocol
 from urllib.parse import unquote, urlparse
 
 from shared.config import Settings
-from shared.errors import StorageError
+from shared.errors import StorageError, StorageFull, StorageLow
 
 CHUNK_BYTES = 1024 * 1024
+# What a full disk or an exhausted quota looks like: errno from a local write, and the
+# error codes S3-compatible services answer with (MinIO: XMinioStorageFull, HTTP 507;
+# Ceph RGW: QuotaExceeded). MinIO answers a disk that filled mid-write with a plain
+# 500 InternalError whose message says "no space left on device".
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_S3_CODES = ("XMinioStorageFull", "InsufficientStorage", "QuotaExceeded")
+NO_SPACE_S3_STATUS = 507
 
 
 def job_key(job_id: str, name: str) -> str:
@@ -40,6 +51,21 @@ def safe_name(name: str) -> str:
     return str(path)
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, as the limits are set)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def storage_full(key: str, reason: str) -> StorageFull:
+    """The refusal of a write for lack of space. It names the key (not a server path):
+    a job that failed this way says what it could not write."""
+    return StorageFull(f"storage is full: could not write {key} ({reason}); free space in storage, then retry")
+
+
 def file_digest(path: Path) -> tuple[int, str]:
     h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
@@ -47,6 +73,50 @@ def file_digest(path: Path) -> tuple[int, str]:
             h.update(chunk)
             size += len(chunk)
     return size, h.hexdigest()
+
+
+class _ZipSink(io.RawIOBase):
+    """Where zipfile writes a streamed archive: it keeps what was written until taken.
+    It cannot seek, so zipfile puts each member's sizes after its data."""
+
+    def __init__(self):
+        self._parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+def zip_stream(storage: "Storage", members: list[tuple[str, str, int]]) -> Iterator[bytes]:
+    """A deflated zip of storage objects, yielded as it is written: `members` are (key,
+    name in the zip, size in bytes). Each object is read in CHUNK_BYTES chunks, so
+    memory holds about one chunk whatever the objects' sizes."""
+    sink = _ZipSink()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as zf:
+        for key, name, size in members:
+            info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o600 << 16  # what ZipFile.writestr gives a member
+            # zipfile chooses zip64 from the declared size before writing the data; a
+            # stream cannot go back to change the header afterwards.
+            info.file_size = size
+            with zf.open(info, "w") as dest:
+                for chunk in storage.open_stream(key):
+                    dest.write(chunk)
+                    if data := sink.take():
+                        yield data
+            if data := sink.take():
+                yield data
+    if data := sink.take():  # the central directory, written on close
+        yield data
 
 
 class Storage(Protocol):
@@ -64,10 +134,12 @@ class Storage(Protocol):
 
 
 class LocalStorage:
-    """Artifacts in a folder. Writes go to a temp file first, then are renamed in."""
+    """Artifacts in a folder. Writes go to a temp file first, then are renamed in.
+    /healthz calls `check`, which also wants `min_free_bytes` free on its disk."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, min_free_bytes: int = 0):
         self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
 
     def _path(self, key: str) -> Path:
         path = (self.root / safe_name(key)).resolve()
@@ -77,14 +149,19 @@ class LocalStorage:
 
     def _atomic_write(self, key: str, write) -> None:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        tmp = None
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 write(f)
             os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+                # The OS's text names the temp file's absolute path: not for users.
+                raise storage_full(key, os.strerror(exc.errno)) from None
             raise
 
     def put_file(self, key: str, path: Path, content_type: str) -> None:
@@ -141,6 +218,11 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"storage folder {self.root} is not writable")
+        free = shutil.disk_usage(self.root).free
+        if free < self.min_free_bytes:
+            bound = f"the {human_bytes(self.min_free_bytes)} minimum (DIFFQUEUE_STORAGE_MIN_FREE_BYTES)"
+            raise StorageLow(f"storage folder {self.root} is low on space: {human_bytes(free)} free, below {bound}",
+                             f"storage is low on space: less free than {bound}")
 
 
 class S3Storage:
@@ -176,10 +258,39 @@ class S3Storage:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put_file(self, key: str, path: Path, content_type: str) -> None:
-        self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type})
+        try:
+            self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type})
+        except Exception as exc:
+            full = self._no_space(key, exc)
+            if full is None:
+                raise
+            raise full from None
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+        except Exception as exc:
+            full = self._no_space(key, exc)
+            if full is None:
+                raise
+            raise full from None
+
+    @staticmethod
+    def _no_space(key: str, exc: BaseException) -> StorageFull | None:
+        """StorageFull when the service refused the write for lack of space, else None.
+        upload_file wraps the ClientError in an S3UploadFailedError, so look down the chain."""
+        from botocore.exceptions import ClientError
+
+        while exc is not None and not isinstance(exc, ClientError):
+            exc = exc.__cause__ or exc.__context__
+        if exc is None:
+            return None
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if (error.get("Code") in NO_SPACE_S3_CODES or status == NO_SPACE_S3_STATUS
+                or "no space left on device" in str(error.get("Message", "")).lower()):
+            return storage_full(key, f"the S3 service answered {error.get('Code') or status}")
+        return None
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -240,7 +351,7 @@ class S3Storage:
 def make_storage(settings: Settings) -> Storage:
     url = urlparse(settings.storage_url)
     if url.scheme == "file":
-        return LocalStorage(Path(unquote(url.path)))
+        return LocalStorage(Path(unquote(url.path)), settings.storage_min_free_bytes)
     if url.scheme == "s3":
         if not url.netloc:
             raise StorageError(f"storage URL {settings.storage_url!r} names no bucket: use s3://bucket/prefix")

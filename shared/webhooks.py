@@ -8,10 +8,13 @@ Events (`webhook_events`, a subset; the default leaves out progress, which is ch
 The outbox: `job_event` / `add_event` add a `WebhookDelivery` row in the caller's
 transaction, the one that writes the status change it reports, so a rolled-back or
 fenced-off write (a stale execution) sends nothing and a committed one is never lost.
-Beat sends due rows (`deliver_due`, each tick after the reaper); a failure is retried
-after `webhook_backoff_s * 2^(attempt-1)` seconds, and after `webhook_max_attempts` the
-row is `failed`. Every row stays as the job's delivery log. A job's deliveries go out
-in the order they were made: one still pending holds back the later ones.
+Beat sends due rows on threads of its own (`DeliveryPool`, `webhook_concurrency`
+senders), so that a slow receiver never delays its tick; each send must be done, whole
+response included, within `webhook_timeout_s`. A failure (a non-2xx, no complete
+response in time, ...) is retried after `webhook_backoff_s * 2^(attempt-1)` seconds,
+and after `webhook_max_attempts` the row is `failed`. Every row stays as the job's
+delivery log. A job's deliveries go out in the order they were made: one still pending
+holds back the later ones.
 
 Signature: header `X-Diffqueue-Signature: t=<unix seconds>,v1=<hex>` where hex is
 HMAC-SHA256(secret, "<t>.<raw body>"). The secret is the job's `webhook_secret`, else
@@ -20,32 +23,38 @@ the server's `DIFFQUEUE_WEBHOOK_SECRET`, else a key derived from `DIFFQUEUE_SECR
 `verify_signature` and refuse old timestamps (replays).
 
 SSRF: the URL must be http(s) with no credentials, and every address its host resolves
-to must be public unless `webhook_allow_private`. That is checked at submit and again at
-each send, and the send connects to the address it checked (TLS still verifies the
-hostname), so a DNS answer that changes in between cannot point a delivery inward.
-Redirects are not followed.
+to must be public unless `webhook_allow_private` (so must the IPv4 address inside an
+IPv4-mapped, NAT64, 6to4 or Teredo one). That is checked at submit and again at each
+send, and the send connects to the address it checked (TLS still verifies
+the hostname), so a DNS answer that changes in between cannot point a delivery inward.
+Redirects are not followed; no proxy is used.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import socket
+import ssl
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Mapping
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-import requests
-from requests.adapters import HTTPAdapter
+import requests.certs
+from requests.utils import requote_uri
 from sqlalchemy import exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 from shared.errors import SpecError
 from shared.models import Job, WebhookDelivery, utcnow
 
@@ -65,7 +74,9 @@ SIGNATURE_TOLERANCE_S = 300
 # A sender holds a claimed row for its timeout plus this (seconds); if it dies
 # mid-send, another beat sends the row again after that.
 CLAIM_SLACK_S = 30.0
-MAX_DELIVERIES_PER_TICK = 100
+MAX_DELIVERIES_PER_RUN = 100  # of deliver_due
+# A send in flight when beat stops gets this long to end (seconds); see DeliveryPool.stop.
+STOP_GRACE_S = 5.0
 # What of a refusing receiver's body is kept in last_error (characters).
 ERROR_BODY_CHARS = 300
 # A completed event lists at most this many artifacts (a sweep can make hundreds).
@@ -81,11 +92,27 @@ class DeliveryState(str, enum.Enum):
 
 
 # ------------------------------------------------------------------ validation
+# Refused although the ipaddress module counts them global: all of 192.0.0.0/24 (IETF
+# protocol assignments; the module marks only parts), the old 6to4 relay anycast, and
+# IPv6 site-local addresses (deprecated, yet still routed inside some networks).
+REFUSED_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "192.88.99.0/24", "fec0::/10"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:  # ::ffff:127.0.0.1 is 127.0.0.1
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # IPv4 written as IPv6 reaches that IPv4 address, and is judged as it:
+        # ::ffff:127.0.0.1 and NAT64's 64:ff9b::7f00:1 both reach 127.0.0.1.
+        if ip.ipv4_mapped:
+            return _is_internal(ip.ipv4_mapped)
+        if ip in NAT64:
+            return _is_internal(ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF))
+        # 6to4 and Teredo carry IPv4 addresses a relay delivers to: those must be public too.
+        embedded = [ip.sixtofour] if ip.sixtofour else list(ip.teredo or ())
+        if any(_is_internal(v4) for v4 in embedded):
+            return True
     return (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-            or ip.is_reserved or ip.is_unspecified)
+            or ip.is_reserved or ip.is_unspecified or any(ip in net for net in REFUSED_NETWORKS))
 
 
 def resolve_url(url: Any, allow_private: bool) -> tuple[SplitResult, list[str]]:
@@ -114,13 +141,10 @@ def resolve_url(url: Any, allow_private: bool) -> tuple[SplitResult, list[str]]:
     except (socket.gaierror, UnicodeError) as exc:
         raise ValueError(f"host {parts.hostname!r} does not resolve ({exc})") from None
     addresses = list(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
-    if not allow_private:
-        internal = [a for a in addresses if _is_internal(ipaddress.ip_address(a))]
-        if internal:
-            raise ValueError(
-                f"host {parts.hostname!r} resolves to {', '.join(internal)}: private, loopback, link-local, "
-                "multicast and reserved addresses are refused (DIFFQUEUE_WEBHOOK_ALLOW_PRIVATE=1 allows them)"
-            )
+    # Which addresses are never said: the message would map internal DNS for whoever submits.
+    if not allow_private and any(_is_internal(ipaddress.ip_address(a)) for a in addresses):
+        raise ValueError(f"host {parts.hostname!r} resolves to a non-public address and is refused: only public "
+                         "addresses are allowed (DIFFQUEUE_WEBHOOK_ALLOW_PRIVATE=1 allows private ones)")
     return parts, addresses
 
 
@@ -295,34 +319,77 @@ def delivery_json(d: WebhookDelivery) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ sending
-class _PinnedAdapter(HTTPAdapter):
-    """Connects to the address in the request URL (the one that was checked) while TLS
-    sends SNI for, and checks the certificate against, the webhook's own hostname."""
+class DeliveryTimeout(Exception):
+    """No complete response within the delivery's deadline."""
 
-    def __init__(self, hostname: str):
-        self._hostname = hostname  # before super().__init__, which builds the pool manager
-        super().__init__(max_retries=0)
 
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, server_hostname=self._hostname, assert_hostname=self._hostname, **kwargs)
+class Unreachable(Exception):
+    """The address could not be connected to: another of the host's may be tried."""
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """None: the CA bundle requests uses (certifi's: slim images may have no OS store)."""
+    return ssl.create_default_context(cafile=ca_file or requests.certs.where())
 
 
 def post_pinned(parts: SplitResult, address: str, body: bytes, headers: dict[str, str], timeout_s: float,
-                verify: bool | str = True) -> tuple[int, bytes]:
+                ca_file: str | None = None) -> tuple[int, bytes]:
     """POST `body` to the URL `parts`, connected to `address` rather than a fresh DNS
-    answer; return the status code and the start of the response body. No redirects,
-    no proxies from the environment, no retries here."""
-    host = f"[{address}]" if ":" in address else address
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-    with requests.Session() as session:
-        session.trust_env = False  # an HTTP(S)_PROXY would connect elsewhere than the checked address
-        adapter = _PinnedAdapter(parts.hostname)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        with session.post(target, data=body, headers={**headers, "Host": parts.netloc}, timeout=timeout_s,
-                          allow_redirects=False, stream=True, verify=verify) as response:
-            return response.status_code, response.raw.read(ERROR_BODY_CHARS, decode_content=True)
+    answer, with TLS sending SNI for, and checking the certificate against, the URL's own
+    hostname (trusting `ca_file`, default certifi's bundle); return the status code and,
+    for a non-2xx, the start of the body. All of it (connect, handshake, request,
+    response) must be done within `timeout_s`, however slowly the receiver trickles its
+    bytes: DeliveryTimeout otherwise. No redirects, no proxies, no retries. Unreachable:
+    the connect failed; ssl.SSLError, OSError or http.client.HTTPException: the exchange
+    failed after it."""
+    deadline = time.monotonic() + timeout_s
+    https = parts.scheme.lower() == "https"
+    try:
+        sock = socket.create_connection((address, parts.port or (443 if https else 80)), timeout=timeout_s)
+    except TimeoutError:
+        raise DeliveryTimeout(f"no complete response within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise Unreachable(f"{type(exc).__name__}: {exc}") from None
+    if https:  # no handshake yet: the watchdog below must already cover it
+        sock = _tls_context(ca_file).wrap_socket(sock, server_hostname=parts.hostname, do_handshake_on_connect=False)
+    cut_off = threading.Event()
+
+    def cut() -> None:
+        # A socket timeout bounds each read, and a byte every few seconds never trips it:
+        # shutting the socket down ends whatever read or write is blocked at the deadline.
+        # The plain socket's shutdown: SSLSocket's also drops TLS state under that read.
+        cut_off.set()
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        if https:
+            sock.do_handshake()
+        connection = http.client.HTTPConnection(parts.hostname)
+        connection.sock = sock  # connected already, to the checked address
+        connection.auto_open = 0  # and never a connection of its own, to a fresh DNS answer
+        netloc = parts.netloc if parts.netloc.isascii() else parts.netloc.encode("idna").decode("ascii")
+        path = requote_uri(urlunsplit(("", "", parts.path or "/", parts.query, "")))
+        connection.request("POST", path, body, {**headers, "Host": netloc})
+        with connection.getresponse() as response:
+            start = b""
+            if not 200 <= response.status < 300:
+                # The status is the answer; a refusal's body is a courtesy, and one that never
+                # ends (or is cut off at the deadline) leaves last_error with the status alone.
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    start = response.read(ERROR_BODY_CHARS)
+            return response.status, start
+    except (OSError, http.client.HTTPException):
+        if cut_off.is_set() or time.monotonic() >= deadline:
+            raise DeliveryTimeout(f"no complete response within {timeout_s:g} s") from None
+        raise
+    finally:
+        watchdog.cancel()
+        sock.close()
 
 
 @dataclass
@@ -408,15 +475,23 @@ def _send(claimed: Claimed, settings: Settings, now: datetime) -> tuple[int | No
         SIGNATURE_HEADER: sign(secret, body, int(now.timestamp())),
     }
     error = "no address to connect to"
-    # The next address only when this one could not be reached (no IPv6 route, ...). A
-    # resend after a dropped connection can duplicate: receivers dedupe by delivery id.
+    timed_out = f"no complete response within {settings.webhook_timeout_s:g} s"
+    deadline = time.monotonic() + settings.webhook_timeout_s
+    # The next address only when this one could not be reached (no IPv6 route, ...), all
+    # within the one deadline. A resend after a dropped connection can duplicate:
+    # receivers dedupe by delivery id.
     for address in addresses:
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            return None, timed_out
         try:
-            status_code, start = post_pinned(parts, address, body, headers, settings.webhook_timeout_s)
+            status_code, start = post_pinned(parts, address, body, headers, remaining_s)
             break
-        except requests.ConnectionError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:1000]
-        except requests.RequestException as exc:  # a read timeout, ...: it may have arrived, try later
+        except Unreachable as exc:
+            error = str(exc)[:1000]
+        except DeliveryTimeout:
+            return None, timed_out
+        except (OSError, http.client.HTTPException) as exc:  # it may have arrived: try again later
             return None, f"{type(exc).__name__}: {exc}"[:1000]
     else:
         return None, error
@@ -452,19 +527,21 @@ def _record(factory: sessionmaker[Session], settings: Settings, claimed: Claimed
     return Outcome(claimed.id, state, status_code, error)
 
 
-def deliver_due(factory: sessionmaker[Session], settings: Settings, now: datetime | None = None,
-                budget_s: float | None = None) -> list[Outcome]:
-    """Send the deliveries due at `now` (default: the clock, read per delivery), at most
-    MAX_DELIVERIES_PER_TICK, and no new one after `budget_s` seconds, so a slow receiver
-    cannot hold up beat's other work for long. Returns each attempt's outcome."""
-    started = time.monotonic()
+def deliver(factory: sessionmaker[Session], settings: Settings, claimed: Claimed,
+            now: datetime | None = None) -> Outcome:
+    """Send a claimed delivery and record the attempt."""
+    status_code, error = _send(claimed, settings, now or utcnow())
+    return _record(factory, settings, claimed, status_code, error, now or utcnow())
+
+
+def deliver_due(factory: sessionmaker[Session], settings: Settings, now: datetime | None = None) -> list[Outcome]:
+    """Send the deliveries due at `now` (default: the clock, read per delivery) one after
+    another, at most MAX_DELIVERIES_PER_RUN; return each attempt's outcome. For tests and
+    one-off runs: beat sends on a DeliveryPool, where a slow receiver holds up nothing else."""
     outcomes: list[Outcome] = []
     seen: set[int] = set()
-    for _ in range(MAX_DELIVERIES_PER_TICK):
-        if budget_s is not None and time.monotonic() - started > budget_s:
-            break
-        at = now or utcnow()
-        claimed = _claim_next(factory, settings, at, seen)
+    for _ in range(MAX_DELIVERIES_PER_RUN):
+        claimed = _claim_next(factory, settings, now or utcnow(), seen)
         if claimed is None:
             break
         if isinstance(claimed, Outcome):
@@ -472,6 +549,79 @@ def deliver_due(factory: sessionmaker[Session], settings: Settings, now: datetim
             outcomes.append(claimed)
             continue
         seen.add(claimed.id)
-        status_code, error = _send(claimed, settings, at)
-        outcomes.append(_record(factory, settings, claimed, status_code, error, now or utcnow()))
+        outcomes.append(deliver(factory, settings, claimed, now))
     return outcomes
+
+
+class DeliveryPool:
+    """Beat's webhook senders, on `webhook_concurrency` threads of its own: no receiver,
+    however slow, holds up the schedule tick or the reaper, and a slow one holds up only
+    its own job's later events (the claim skips a delivery whose job has one pending).
+
+    A dispatcher thread claims a due delivery whenever a sender is free, never ahead of
+    one (a claim waiting for a sender would spend its deadline unsent), and looks again as
+    soon as a send ends, or after beat_interval_s when nothing was due."""
+
+    def __init__(self, factory: sessionmaker[Session], settings: Settings):
+        if settings.webhook_concurrency < 1:
+            raise ConfigError(f"DIFFQUEUE_WEBHOOK_CONCURRENCY must be at least 1, got {settings.webhook_concurrency}")
+        self.factory, self.settings = factory, settings
+        self._free = threading.Semaphore(settings.webhook_concurrency)
+        self._wake = threading.Event()  # a send ended, or stop
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._senders: set[threading.Thread] = set()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="webhook-dispatcher", daemon=True)
+
+    def start(self) -> DeliveryPool:
+        self._dispatcher.start()
+        return self
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Claim nothing more, and give the sends in flight up to `grace_s` to end. One
+        still going then ends with the process (its threads are daemons): its claim runs
+        out and a beat sends it again."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + grace_s
+        with self._lock:
+            threads = [self._dispatcher, *self._senders]
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _dispatch(self) -> None:
+        interval_s = self.settings.beat_interval_s
+        while not self._stopping.is_set():
+            if not self._free.acquire(timeout=interval_s):
+                continue  # every sender busy
+            self._wake.clear()  # before the claim: a send ending during it makes the next look immediate
+            claimed = None
+            try:
+                claimed = _claim_next(self.factory, self.settings, utcnow(), set())
+            except Exception:
+                log.exception("webhook claim failed; trying again in %g s", interval_s)
+            if isinstance(claimed, Claimed):
+                sender = threading.Thread(target=self._deliver, args=(claimed,), name=f"webhook-{claimed.id}",
+                                          daemon=True)
+                with self._lock:
+                    self._senders.add(sender)
+                sender.start()
+                continue
+            self._free.release()
+            if not isinstance(claimed, Outcome):  # nothing due, or the database away
+                self._wake.wait(interval_s)
+
+    def _deliver(self, claimed: Claimed) -> None:
+        try:
+            deliver(self.factory, self.settings, claimed)
+        except Exception:  # e.g. the database away when recording: the claim runs out and it is sent again
+            log.exception("webhook delivery %d (job %s, %s): attempt %d not recorded", claimed.id, claimed.job_id,
+                          claimed.event, claimed.attempts)
+        finally:
+            with self._lock:
+                self._senders.discard(threading.current_thread())
+            self._free.release()
+            self._wake.set()

@@ -26,13 +26,18 @@ def cli(*args, env, check=True, timeout=120) -> subprocess.CompletedProcess:
 
 
 def test_up_submit_wait_download_and_ctrl_c(tmp_path):
+    """`diffqueue up` as a user starts it: from a script, so with SIGINT ignored (as a
+    shell's background job is), and with a models dir of their own in the environment."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "DIFFQUEUE_URL": url, "DIFFQUEUE_TORCH_THREADS": "1"}
+    models = tmp_path / "my-models"
+    (models / "mine").mkdir(parents=True)
+    (models / "mine" / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+    env = {**os.environ, "DIFFQUEUE_URL": url, "DIFFQUEUE_TORCH_THREADS": "1", "DIFFQUEUE_MODELS_DIR": str(models)}
     log = open(tmp_path / "up.log", "w")
     up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--port", str(port), "--data-dir",
                            str(tmp_path / "data")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                          start_new_session=True)
+                          start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 90
         while "diffqueue is up" not in (tmp_path / "up.log").read_text():
@@ -57,10 +62,18 @@ def test_up_submit_wait_download_and_ctrl_c(tmp_path):
         assert (dest / "model" / "model_index.json").is_file()
         assert Image.open(dest / "samples.png").size[0] > 16
 
-        # A failing job (no such folder in the models dir): `wait` exits non-zero and prints the error.
-        bad = cli("submit", "ddpm.sample", "-p", "model=no-such-model", env=env).stdout.strip()
+        # The environment's models dir, not <data-dir>/models: its model is listed, and a
+        # name that is no folder there is refused at submit, naming the field.
+        assert [m["ref"] for m in requests.get(url + "/api/v1/models", timeout=5).json()["models"]
+                if m["source"] == "local"] == ["mine"]
+        assert not (tmp_path / "data" / "models").exists()
+        refused = cli("submit", "ddpm.sample", "-p", "model=no-such-model", env=env, check=False)
+        assert refused.returncode == 1 and "model: 'no-such-model' is not a folder under" in refused.stderr
+
+        # A failing job (a folder that holds no pipeline): `wait` exits non-zero and prints the error.
+        bad = cli("submit", "ddpm.sample", "-p", "model=mine", env=env).stdout.strip()
         failed = cli("wait", bad, "--interval", "0.3", env=env, check=False)
-        assert failed.returncode == 1 and "'no-such-model' is not a folder under" in failed.stdout
+        assert failed.returncode == 1 and f"job {bad} failed: " in failed.stdout and "mine" in failed.stdout
 
         # Bad params: the CLI shows the field and the bound, exits non-zero.
         refused = cli("submit", "ddpm.train", "-p", "max_steps=0", env=env, check=False)

@@ -1,7 +1,10 @@
-"""A real webhook receiver for tests: an HTTP(S) server on 127.0.0.1 in a thread."""
+"""Real webhook receivers for tests, on 127.0.0.1 in threads: an HTTP(S) server, and
+one that trickles its answer forever."""
 from __future__ import annotations
 
+import itertools
 import json
+import socket
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,3 +48,55 @@ class Receiver:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class Trickler:
+    """A receiver that never finishes answering: it reads the request, then sends its
+    response one byte every `interval_s`, forever. A per-read timeout never trips on it;
+    only a deadline on the whole response ends the send."""
+
+    RESPONSE = b"HTTP/1.1 200 OK\r\nX-Trickle: "
+
+    def __init__(self, interval_s: float = 1.0, certfile: str | None = None):
+        self.interval_s = interval_s
+        self._tls = None
+        if certfile:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(certfile)
+        self.connections = 0  # how many connections reached it
+        self.hung_up = 0  # how many of them the sender closed
+        self._closing = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/slow"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # the listener was closed
+                return
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket):
+        if self._tls:
+            try:
+                conn = self._tls.wrap_socket(conn, server_side=True)
+            except OSError:  # a client that refused the certificate
+                conn.close()
+                return
+        with conn:
+            conn.recv(65536)  # the request (small enough for one read here)
+            reply = itertools.chain(self.RESPONSE, itertools.repeat(ord(".")))
+            while not self._closing.wait(self.interval_s):
+                try:
+                    conn.sendall(bytes([next(reply)]))
+                except OSError:
+                    self.hung_up += 1
+                    return
+
+    def close(self):
+        self._closing.set()
+        self._listener.close()

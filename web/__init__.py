@@ -10,6 +10,7 @@ from celery import Celery
 from flask import Flask, current_app, g
 from flask_wtf.csrf import CSRFProtect
 from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.broker import make_producer
 from shared.config import Settings
@@ -55,8 +56,10 @@ def _close_reads(_exc: BaseException | None) -> None:
 
 def create_app(settings: Settings, check_schema: bool = True) -> Flask:
     """Build the app. Refuses (DatabaseNotMigrated) on a database that is not at head,
-    and (ConfigError) auth off outside the embedded mode."""
+    and (ConfigError) auth off outside the embedded mode, or auth on without a real
+    DIFFQUEUE_SECRET_KEY (gunicorn's workers each build one app: they must share it)."""
     settings.check()
+    settings.check_secret_key()
     engine = make_engine(settings.database_url)
     if check_schema:
         check_migrated(engine)
@@ -66,6 +69,12 @@ def create_app(settings: Settings, check_schema: bool = True) -> Flask:
         WTF_CSRF_ENABLED=settings.csrf_enabled,
         JSON_SORT_KEYS=False,
     )
+    if settings.proxy_hops:
+        # Behind that many proxies, the client's address, scheme and host are those they
+        # forwarded: rate limits count per client, not per proxy, and request.is_secure
+        # is the client's. With 0 these headers are whatever a client wrote: ignored.
+        hops = settings.proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     app.extensions["diffqueue"] = Services(
         settings=settings,
         sessions=make_sessionmaker(engine),

@@ -1,29 +1,36 @@
 """The JSON API under /api/v1. Views are flat: read, validate, act, respond."""
 from __future__ import annotations
 
-import io
+import json
+import logging
 import tempfile
-import zipfile
 from pathlib import Path
 
 from flask import Blueprint, Response, g, jsonify, redirect, request, url_for
 from sqlalchemy import select, text
 
-from shared import auth, jobs, model_catalog, model_refs, schedules, uploads, webhooks
+from shared import auth, idempotency, jobs, model_catalog, schedules, uploads, webhooks
 from shared.errors import JobNotFound, SpecError
 from shared.retention import expires_at, set_pinned
 from shared.models import Artifact, Job, JobStatus, Schedule, Upload
-from shared.specs import KINDS, check_kind_enabled, kinds_schema, validate_priority
-from shared.storage import job_key
+from shared.specs import KINDS, kinds_schema
+from shared.storage import file_digest, job_key, zip_stream
 from web import reads, services
-from web.auth import current_user, limiter, submit_limit
+from web.auth import current_user, limiter, submit_limited
 from web.errors import error_response
 from web.limits import MULTIPART_SLACK, json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
+log = logging.getLogger(__name__)
 
 MAX_PAGE = 200
 STATUSES = [s.value for s in JobStatus]
+
+
+def public_url(endpoint: str, **values) -> str:
+    """`endpoint`'s URL on DIFFQUEUE_PUBLIC_URL, or its path alone when that is unset;
+    never on the request's Host header, which the client writes."""
+    return services().settings.public_url + url_for(endpoint, **values)
 
 
 def artifact_json(a: Artifact) -> dict:
@@ -34,7 +41,7 @@ def artifact_json(a: Artifact) -> dict:
         "size": a.size,
         "sha256": a.sha256,
         "meta": a.meta,
-        "url": url_for("api.artifact", job_id=a.job_id, name=a.name, _external=True),
+        "url": public_url("api.artifact", job_id=a.job_id, name=a.name),
     }
 
 
@@ -73,7 +80,7 @@ def job_json(job: Job, with_artifacts: bool = True) -> dict:
         "scheduled_for": _iso(job.scheduled_for),
         "webhook": webhooks.public_json(job),
         "owner": job.owner.name if job.owner else None,
-        "url": url_for("api.get_job", job_id=job.id, _external=True),
+        "url": public_url("api.get_job", job_id=job.id),
     }
     if with_artifacts:
         body["artifacts"] = [artifact_json(a) for a in job.artifacts]
@@ -105,11 +112,14 @@ def _page() -> tuple[int, int]:
     return _int_arg("limit", 50, 1, MAX_PAGE), _int_arg("offset", 0, 0, 10**9)
 
 
-def _accepted(body: dict, status: int, location: str):
-    """A 201/202 with the new resource and its Location."""
+def _accepted(body: dict, status: int, location: str, replayed: bool = False):
+    """A 201/202 with the new resource and its Location; `replayed`: the resource an
+    earlier request with the same Idempotency-Key made."""
     resp = jsonify(body)
     resp.status_code = status
     resp.headers["Location"] = location
+    if replayed:
+        resp.headers["Idempotent-Replayed"] = "true"
     return resp
 
 
@@ -118,24 +128,21 @@ def _listing(key: str, items: list[dict], total: int, limit: int, offset: int):
 
 
 @bp.post("/jobs")
-@limiter.limit(submit_limit)
+@submit_limited
 def create_job():
     body = json_body(bare="params")
-    kind, params, priority = body.get("kind"), body.get("params", {}), body.get("priority", 0)
     unknown = sorted(set(body) - {"kind", "params", "priority", *webhooks.FIELDS})
     if unknown:
         raise SpecError(f"unknown top-level fields: {', '.join(unknown)}", {k: "unknown field" for k in unknown})
-    if not isinstance(kind, str):
-        raise SpecError("kind is required: one of " + ", ".join(sorted(KINDS)), {"kind": "required"})
     svc = services()
-    check_kind_enabled(kind, svc.settings)
-    hook = webhooks.validate_fields(body, svc.settings)
-    model_refs.check_job_refs(kind, params, svc.settings)
-    job = jobs.submit(svc.sessions, svc.producer, kind, params, validate_priority(priority), owner=current_user(),
-                      max_queued=svc.settings.max_queued_per_user, **hook)
+    claim = idempotency.claim(request.headers.get(idempotency.HEADER), current_user(), "jobs",
+                              json.dumps(body, sort_keys=True).encode())
+    job_id, replayed = idempotency.once(svc.sessions, claim, lambda: jobs.submit(
+        svc.sessions, svc.producer, svc.settings, body.get("kind"), body.get("params", {}), body.get("priority", 0),
+        owner=current_user(), webhook=body, idempotency_claim=claim).id)
     with svc.sessions() as session:
-        job = jobs.get_job(session, job.id)
-        return _accepted(job_json(job), 202, url_for("api.get_job", job_id=job.id))
+        job = jobs.get_job(session, job_id)
+        return _accepted(job_json(job), 202, url_for("api.get_job", job_id=job.id), replayed)
 
 
 @bp.get("/jobs")
@@ -165,8 +172,8 @@ def get_job(job_id: str):
     return jsonify({**body, "progress": {**body["progress"], "eta_s": jobs.eta(*eta_inputs)}})
 
 
-def _job_cache_key(job_id: str) -> tuple[str, str]:
-    return "job:" + job_id, request.host_url  # its URLs are absolute
+def _job_cache_key(job_id: str) -> tuple[str, None]:
+    return "job:" + job_id, None  # one JSON a job: its URLs are the same for every request
 
 
 @limiter.request_filter
@@ -200,9 +207,10 @@ def cancel_job(job_id: str):
 
 
 @bp.post("/jobs/<job_id>/retry")
+@submit_limited
 def retry_job(job_id: str):
     svc = services()
-    jobs.retry_and_publish(svc.sessions, svc.producer, job_id, current_user(), svc.settings.max_queued_per_user)
+    jobs.retry_and_publish(svc.sessions, svc.producer, svc.settings, job_id, current_user())
     with svc.sessions() as session:
         return jsonify(job_json(jobs.get_job(session, job_id))), 202
 
@@ -255,16 +263,14 @@ def archive(job_id: str):
     svc = services()
     with svc.sessions() as session:
         job = jobs.get_job(session, job_id, current_user())
-        names = [a.name for a in job.artifacts if a.name.startswith(prefix)]
-    if not names:
+        members = [(job_key(job_id, a.name), a.name, a.size) for a in job.artifacts if a.name.startswith(prefix)]
+    if not members:
         return error_response(404, "not_found", f"job {job_id} has no artifacts under {prefix!r}")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name in names:
-            zf.writestr(name, svc.storage.get_bytes(job_key(job_id, name)))
     stem = prefix.strip("/").replace("/", "-") or "artifacts"
+    # Written as it is sent, a storage chunk at a time: a model's gigabytes never sit in
+    # this process. So there is no Content-Length (the size is known only at the end).
     return Response(
-        buf.getvalue(),
+        zip_stream(svc.storage, members),
         mimetype="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-{stem}.zip"'},
     )
@@ -282,11 +288,12 @@ def upload_json(u: Upload) -> dict:
         "meta": u.meta,
         "created_at": _iso(u.created_at),
         "owner": u.owner.name if u.owner else None,
-        "url": url_for("api.get_upload", upload_id=u.id, _external=True),
+        "url": public_url("api.get_upload", upload_id=u.id),
     }
 
 
 @bp.post("/uploads")
+@submit_limited
 def create_upload():
     """multipart/form-data with the file in `file`: a dataset zip, an image or a prompts file."""
     svc = services()
@@ -303,11 +310,15 @@ def create_upload():
     with tempfile.TemporaryDirectory(prefix="diffqueue-upload-") as tmp:
         path = Path(tmp) / "upload"
         uploads.copy_capped(file.stream, path, limit)
-        upload = uploads.save_upload(svc.sessions, svc.storage, svc.settings, file.filename, path,
-                                     owner_id=auth.owner_id_of(current_user()))
+        key = request.headers.get(idempotency.HEADER)
+        claim = None if key is None else idempotency.claim(key, current_user(), "uploads",
+                                                           f"{file.filename}\n{file_digest(path)[1]}".encode())
+        upload_id, replayed = idempotency.once(svc.sessions, claim, lambda: uploads.save_upload(
+            svc.sessions, svc.storage, svc.settings, file.filename, path, owner_id=auth.owner_id_of(current_user()),
+            idempotency_claim=claim).id)
     with svc.sessions() as session:
-        upload = uploads.get_upload(session, upload.id)
-        return _accepted(upload_json(upload), 201, url_for("api.get_upload", upload_id=upload.id))
+        upload = uploads.get_upload(session, upload_id)
+        return _accepted(upload_json(upload), 201, url_for("api.get_upload", upload_id=upload.id), replayed)
 
 
 @bp.get("/uploads")
@@ -351,7 +362,7 @@ def schedule_json(s: Schedule) -> dict:
         "created_at": _iso(s.created_at),
         "updated_at": _iso(s.updated_at),
         "owner": s.owner.name if s.owner else None,
-        "url": url_for("api.get_schedule", schedule_id=s.id, _external=True),
+        "url": public_url("api.get_schedule", schedule_id=s.id),
     }
 
 
@@ -396,6 +407,7 @@ def delete_schedule(schedule_id: str):
 
 
 @bp.post("/schedules/<schedule_id>/run-now")
+@submit_limited
 def run_schedule_now(schedule_id: str):
     svc = services()
     job = schedules.run_now(svc.sessions, svc.producer, svc.settings, schedule_id, viewer=current_user())
@@ -441,7 +453,10 @@ def healthz():
             fn()
             checks[name] = {"ok": True}
         except Exception as exc:  # reported, not raised: this endpoint's job is to tell
-            checks[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            # Public: which component is down, never where (host, port, path) or the exception's
+            # text; the log has the detail.
+            log.warning("healthz: %s check failed: %s: %s", name, type(exc).__name__, exc)
+            checks[name] = {"ok": False, "error": getattr(exc, "public_reason", "unavailable")}
 
     def db():
         with svc.sessions() as session:

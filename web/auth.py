@@ -8,12 +8,16 @@ None and every row is visible, as before.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 import time
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, session, url_for
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import BadRequest
 
 from shared import auth
 from shared.models import User
@@ -68,8 +72,23 @@ def submit_limit() -> str:
     return services().settings.rate_limit_submit
 
 
+# Every path by which a user makes work (a job by the API or the form, run-now, retry, an
+# upload) draws on one budget per user: DIFFQUEUE_RATE_LIMIT_SUBMIT. POST only, so a form
+# page can be looked at freely.
+submit_limited = limiter.shared_limit(submit_limit, scope="submit", methods=["POST"])
+
+
 def login_limit() -> str:
     return services().settings.rate_limit_login
+
+
+def _login_account_key() -> str:
+    """The sign-in limit's second key: the account guessed at, whatever the address (many
+    addresses could otherwise share out the guesses at one). In lower case, because names
+    differing only in case are one guess to whoever picks them; hashed, because the posted
+    name can be anything up to the body limit."""
+    name = request.form.get("user", "").strip().lower()
+    return "login-user:" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
 # Answered like the API (401, never a redirect to the sign-in page): scrapers follow no forms.
@@ -100,7 +119,7 @@ def load_user():
         g.user = user
         return None
     user = svc.cache.user_by_id(db, session["user_id"]) if "user_id" in session else None
-    if user is None:
+    if user is None or not _session_is_current(user):
         session.clear()
         return _unauthenticated("sign in: send 'Authorization: Bearer <token>' (diffqueue token create --user NAME)")
     g.user = user
@@ -111,13 +130,38 @@ def load_user():
     return None
 
 
+def _session_is_current(user: User) -> bool:
+    """A session cookie holds until its user signs out or changes password (either bumps
+    `session_epoch`: every copy of the cookie ends too), and for session_lifetime_s after
+    sign-in, however much it is used since. Compared with the user as kept by the cache
+    (web/cache.py, dropped on any change to the user's row): no query of its own."""
+    signed_in_at = session.get("signed_in_at")
+    return (session.get("epoch") == user.session_epoch and isinstance(signed_in_at, (int, float))
+            and time.time() - signed_in_at < services().settings.session_lifetime_s)
+
+
+# Control characters (CR and LF among them) in a redirect target.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _next_target() -> str:
+    """Where to go after signing in: `next` if it is a path on this site, else the index."""
+    nxt = request.values.get("next", "")
+    if CONTROL_CHARS.search(nxt):
+        # Not a path anyone links to; werkzeug refuses it in a Location header (a 500).
+        raise BadRequest("next: must be a path on this site, without control characters (CR, LF, tab)")
+    target = urlsplit(nxt)
+    # Browsers read '\\' as '/' and '///host' as '//host': both would leave the site.
+    if target.scheme or target.netloc or not nxt.startswith("/") or nxt[1:2] in ("/", "\\"):
+        return url_for("pages.index")
+    return nxt
+
+
 @bp.route("/login", methods=["GET", "POST"])
 @limiter.limit(login_limit, methods=["POST"], key_func=get_remote_address)
+@limiter.limit(login_limit, methods=["POST"], key_func=_login_account_key)
 def login():
-    nxt = request.values.get("next", "")
-    target = urlsplit(nxt)
-    if target.scheme or target.netloc or not nxt.startswith("/"):
-        nxt = url_for("pages.index")  # only back to this site
+    nxt = _next_target()
     if not services().settings.auth_enabled:
         return redirect(nxt)
     if request.method == "GET":
@@ -129,12 +173,23 @@ def login():
                                name=request.form.get("user", "")), 401
     session.clear()  # a fresh session on sign-in: no fixation
     session["user_id"] = user.id
+    session["epoch"] = user.session_epoch
+    session["signed_in_at"] = int(time.time())
     session.permanent = True
     return redirect(nxt)
 
 
 @bp.post("/logout")
 def logout():
+    user = current_user()
+    if user is not None and session.get("user_id") == user.id:
+        # Every session of the user ends, not only this browser's: a copy of the cookie
+        # would otherwise still work (it is signed, and the server keeps nothing of it).
+        # Signed in by a token only, there is no session to end.
+        svc = services()
+        with svc.sessions.begin() as db:
+            auth.end_sessions(db, user.id)
+        svc.cache.changed_users()
     session.clear()
     return redirect(url_for("auth.login"))
 
@@ -144,6 +199,9 @@ def init_app(app: Flask) -> None:
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
+        # The cookie's own expiry; `_session_is_current` holds the server to it as well.
+        PERMANENT_SESSION_LIFETIME=timedelta(seconds=settings.session_lifetime_s),
         RATELIMIT_STORAGE_URI=settings.ratelimit_storage_url,
         # If the limit store (Redis) is down, serve rather than fail every request.
         RATELIMIT_SWALLOW_ERRORS=True,

@@ -153,6 +153,12 @@ class WebCache:
         self._entries.clear()
         self._generation += 1
 
+    def changed_users(self) -> None:
+        """This process changed a user (signed them out): drop what is kept now, as the
+        NOTIFY of that commit will, so this process's next request cannot come before it."""
+        with self._lock:
+            self._clear()
+
     def close(self) -> None:
         with self._lock:
             if self._listener is not None:

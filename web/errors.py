@@ -2,20 +2,24 @@
 from __future__ import annotations
 
 import logging
+import secrets
 
 from flask import Flask, jsonify, make_response, render_template, request
+from sqlalchemy.exc import InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from shared.errors import (InvalidTransition, JobNotFound, QuotaExceeded, ScheduleNotFound, SpecError, TooLarge,
-                           UploadNotFound)
+from shared.errors import (IdempotencyConflict, InvalidTransition, JobNotFound, QuotaExceeded, ScheduleNotFound,
+                           SpecError, StorageFull, TooLarge, UploadNotFound)
 from shared.uploads import human_bytes, upload_too_large
 from web import services
 
 log = logging.getLogger(__name__)
 
+DATABASE_RETRY_AFTER_S = 5
 
-def error_response(status: int, error: str, message: str, fields: dict | None = None):
-    body = {"error": error, "message": message}
+
+def error_response(status: int, error: str, message: str, fields: dict | None = None, **extra):
+    body = {"error": error, "message": message, **extra}
     if fields:
         body["fields"] = fields
     return jsonify(body), status
@@ -72,6 +76,19 @@ def init_app(app: Flask) -> None:
         resp.headers["Retry-After"] = str(exc.retry_after_s)
         return resp, status
 
+    @app.errorhandler(StorageFull)
+    def storage_full(exc: StorageFull):
+        # A fixed message: the exception's names a storage key, and an S3 error's more.
+        log.error("storage is full on %s %s: %s", request.method, request.path, exc)
+        reason = "no space left: nothing was stored; try again once space is freed"
+        if _wants_json():
+            return error_response(507, "insufficient_storage", f"storage: {reason}", {"storage": reason})
+        return render_template("error.html", code=507, message=f"Storage is full: {reason}."), 507
+
+    @app.errorhandler(IdempotencyConflict)
+    def idempotency_conflict(exc: IdempotencyConflict):
+        return error_response(422, "idempotency_conflict", str(exc), exc.fields)
+
     @app.errorhandler(InvalidTransition)
     def conflict(exc: InvalidTransition):
         return error_response(409, "conflict", str(exc))
@@ -82,9 +99,30 @@ def init_app(app: Flask) -> None:
             return error_response(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description)
         return render_template("error.html", code=exc.code, message=exc.description), exc.code
 
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def database_down(exc: Exception):
+        # The database cannot be reached (down, restarting, connections cut): a client may
+        # try again. The host, port and SQL stay in the log.
+        return server_error(503, "unavailable", "the database is unavailable; try again shortly", exc,
+                            retry_after_s=DATABASE_RETRY_AFTER_S)
+
     @app.errorhandler(Exception)
     def internal(exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        if _wants_json():
-            return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
-        return render_template("error.html", code=500, message=str(exc)), 500
+        return server_error(500, "internal_error", "internal error", exc)
+
+
+def server_error(status: int, error: str, message: str, exc: Exception, retry_after_s: int | None = None):
+    """A 5xx: a generic message with an error id, never the exception's text (which can
+    hold SQL, schema, paths, host names); the log has the exception under the same id."""
+    error_id = secrets.token_hex(8)
+    log.error("error %s on %s %s", error_id, request.method, request.path, exc_info=exc)
+    message = f"{message} (error id {error_id})"
+    if _wants_json():
+        resp, _ = error_response(status, error, message, error_id=error_id)
+    else:
+        resp = make_response(render_template("error.html", code=status, message=message))
+    resp.status_code = status
+    if retry_after_s is not None:
+        resp.headers["Retry-After"] = str(retry_after_s)
+    return resp

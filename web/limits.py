@@ -10,6 +10,8 @@
   turns 1e999 into infinity, and recurses once per nesting level, so a body of nested
   brackets is a RecursionError, not a 400. `loads` makes each a SpecError naming the
   field path and the bound, and refuses nesting deeper than DIFFQUEUE_MAX_JSON_DEPTH.
+- NUL characters, which PostgreSQL cannot store: in a JSON string or key (`loads`), the
+  path, the query or a form field (`refuse_nul`), a 400 naming where.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ MULTIPART_SLACK = 64 * 1024
 # Endpoints whose multipart body carries files, bounded by the upload limit instead.
 UPLOAD_ENDPOINTS = {"api.create_upload", "pages.submit"}
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+FORM_TYPES = {"application/x-www-form-urlencoded", "multipart/form-data"}
 
 
 def init_app(app: Flask, settings: Settings) -> None:
@@ -39,6 +42,34 @@ def init_app(app: Flask, settings: Settings) -> None:
         MAX_FORM_PARTS=settings.max_form_parts,
     )
     app.before_request(_body_limit)
+    app.before_request(refuse_nul)
+
+
+NUL = "\x00"
+NUL_REASON = "must not contain NUL (\\x00) characters"
+
+
+def _nul_error(field: str) -> SpecError:
+    return SpecError(f"{field}: {NUL_REASON}", {field: NUL_REASON})
+
+
+def refuse_nul() -> None:
+    """Before every request: a NUL in the path, the query or a form field is a 400 naming
+    it. No database column can store one (PostgreSQL refuses it mid-query), and no name,
+    id, path or secret here has any use for one. JSON bodies are checked by `loads`.
+    POST /api/v1/uploads is left to its view, which reads the file and nothing else."""
+    for name, value in (request.view_args or {}).items():
+        if isinstance(value, str) and NUL in value:
+            raise _nul_error(name)
+    fields = [request.args]
+    if request.method in BODY_METHODS and request.mimetype in FORM_TYPES and request.endpoint != "api.create_upload":
+        fields.append(request.form)
+    for multi in fields:
+        for name, value in multi.items(multi=True):
+            if NUL in name:
+                raise _nul_error("field name")
+            if NUL in value:
+                raise _nul_error(name)
 
 
 def _body_limit() -> None:
@@ -77,7 +108,13 @@ def _check(value: Any, path: str, depth: int, max_depth: int) -> None:
         token = value.token if isinstance(value, _NonFinite) else "a number too large for a float"
         reason = f"NaN and Infinity are not allowed (got {token}); give a finite number"
         raise SpecError(f"{path or 'body'}: {reason}", {path or "body": reason})
+    if isinstance(value, str):
+        if NUL in value:
+            raise _nul_error(path or "body")
+        return
     if isinstance(value, dict):
+        if any(NUL in key for key in value):
+            raise _nul_error(path or "body")  # in a key: named by the object that holds it
         items = value.items()
     elif isinstance(value, list):
         items = enumerate(value)

@@ -6,19 +6,19 @@ custom collector turns them into gauges with a few GROUP BY queries per scrape, 
 keeps no state here. With the Redis broker, the broker's own queue lengths are read
 too (LLEN), so a gap between queued rows and queued messages shows.
 
-Job durations are a histogram over the jobs that finished in the last
-DURATION_WINDOW_S: a sliding window, not a counter since start (rows come and go with
-retention), so read it without rate(), e.g.
-`histogram_quantile(0.9, sum by (le, kind) (diffqueue_job_duration_seconds_bucket))`.
+Jobs finished (a counter) and their run times (a histogram) come from counts that only
+grow (shared/outcomes.py: one row per kind, outcome and bucket, incremented as each job
+finishes), not from the job rows, which retention deletes; so rate() works, e.g.
+`histogram_quantile(0.9, sum by (le, kind) (rate(diffqueue_job_duration_seconds_bucket[1h])))`.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Iterator
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from kombu.transport.redis import Channel as RedisChannel
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 from sqlalchemy import func, or_, select
@@ -26,15 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.broker import MAX_PRIORITY, QUEUES
 from shared.config import Settings
-from shared.models import FINISHED, Job, JobStatus, Schedule, WebhookDelivery, utcnow
+from shared import outcomes
+from shared.models import Job, JobOutcomeCount, JobStatus, Schedule, WebhookDelivery, utcnow
 from shared.specs import KINDS
 from web.errors import error_response
 
 bp = Blueprint("metrics", __name__)
 
-DURATION_WINDOW_S = 24 * 3600
-# From a quick sampling job to a day of training.
-DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
 # shared/webhooks.py's delivery states, listed so each has a series before its first row.
 WEBHOOK_STATES = ("pending", "delivered", "failed")
 # A scrape must answer within Prometheus' timeout even when Redis is away.
@@ -59,7 +57,7 @@ class DatabaseCollector(Collector):
         with self.sessions() as session:
             yield from self._jobs(session)
             yield from self._queues(session, now)
-            yield self._durations(session, now)
+            yield from self._outcomes(session)
             yield from self._leases(session, now)
             yield self._webhooks(session)
             yield self._schedules(session)
@@ -93,23 +91,32 @@ class DatabaseCollector(Collector):
         yield depth
         yield age
 
-    def _durations(self, session: Session, now: datetime) -> Metric:
-        since = now - timedelta(seconds=DURATION_WINDOW_S)
-        per_series: dict[tuple[str, str], list[float]] = {}
-        for kind, status, started, finished in session.execute(
-            select(Job.kind, Job.status, Job.started_at, Job.finished_at)
-            .where(Job.status.in_([s.value for s in FINISHED]), Job.finished_at >= since, Job.started_at.is_not(None))
-        ):
-            per_series.setdefault((kind, status), []).append(max(0.0, (finished - started).total_seconds()))
+    def _outcomes(self, session: Session) -> Iterator[Metric]:
+        """Jobs finished, and their run times, since the database began: counts that only
+        grow (shared/outcomes.py), so rate() and increase() work on them."""
+        rows = session.execute(select(JobOutcomeCount.kind, JobOutcomeCount.status, JobOutcomeCount.bucket,
+                                      JobOutcomeCount.count, JobOutcomeCount.sum_s)).all()
+        finished = CounterMetricFamily("diffqueue_jobs_finished", "Jobs finished, by kind and outcome.",
+                                       labels=["kind", "status"])
+        per_series: dict[tuple[str, str], dict[int, tuple[int, float]]] = {}
+        for kind, status, bucket, count, sum_s in rows:
+            per_series.setdefault((kind, status), {})[bucket] = (count, sum_s)
         hist = HistogramMetricFamily(
-            "diffqueue_job_duration_seconds",
-            f"Run time (finished - started) of the jobs that finished in the last {DURATION_WINDOW_S} s, "
-            "by kind and outcome; a sliding window, so use it without rate().",
+            "diffqueue_job_duration_seconds", "Run time (finished - started) of finished jobs, by kind and outcome.",
             labels=["kind", "status"])
-        for (kind, status), seconds in sorted(per_series.items()):
-            buckets = [(str(float(b)), sum(1 for s in seconds if s <= b)) for b in DURATION_BUCKETS_S]
-            hist.add_metric([kind, status], buckets + [("+Inf", len(seconds))], sum(seconds))
-        return hist
+        for (kind, status), buckets in sorted(per_series.items()):
+            finished.add_metric([kind, status], sum(count for count, _ in buckets.values()))
+            ran = {b: v for b, v in buckets.items() if b != outcomes.NEVER_STARTED}
+            if not ran:
+                continue
+            cumulative, total = [], 0
+            for i, bound in enumerate(outcomes.DURATION_BUCKETS_S):
+                total += ran.get(i, (0, 0.0))[0]
+                cumulative.append((str(float(bound)), total))
+            count = sum(n for n, _ in ran.values())
+            hist.add_metric([kind, status], cumulative + [("+Inf", count)], sum(s for _, s in ran.values()))
+        yield finished
+        yield hist
 
     def _leases(self, session: Session, now: datetime) -> Iterator[Metric]:
         live = GaugeMetricFamily("diffqueue_running_leases", "Running jobs whose lease is live, per worker.",

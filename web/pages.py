@@ -11,12 +11,12 @@ from zoneinfo import ZoneInfo, available_timezones
 
 from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
-from shared import auth, jobs, model_catalog, model_refs, schedules, uploads
+from shared import jobs, model_catalog, schedules, uploads
 from shared.errors import SpecError
 from shared.retention import set_pinned
-from shared.specs import KINDS, check_kind_enabled, enabled_kinds, kinds_schema, validate_priority
+from shared.specs import KINDS, check_kind_enabled, enabled_kinds, kinds_schema
 from web import forms, limits, reads, services
-from web.auth import current_user, limiter, submit_limit
+from web.auth import current_user, limiter, submit_limit, submit_limited
 from web.api import STATUSES, healthz, job_json, schedule_json
 
 bp = Blueprint("pages", __name__)
@@ -31,15 +31,21 @@ def sample_kind(pipeline: str | None) -> str:
     return SAMPLE_KIND.get(pipeline or "", DEFAULT_SAMPLE_KIND)
 
 
-def _suggestions(svc, fields: list[dict]) -> dict[str, list[dict]]:
-    """Values offered beside a field: the models for `model`, recent uploads for upload fields."""
+def _family(kind: str) -> str:
+    return kind.partition(".")[0]  # "sd", "ddpm"
+
+
+def _suggestions(svc, kind: str, fields: list[dict]) -> dict[str, list[dict]]:
+    """Values offered beside a field: the models that `kind` can load for `model` (local
+    folders first, then trained jobs'), recent uploads for upload fields."""
     out: dict[str, list[dict]] = {}
     names = {f["name"]: f for f in fields}
     with svc.sessions() as session:
         if "model" in names:
             models = (model_catalog.list_local_models(svc.settings.models_dir)
                       + model_catalog.list_job_models(session, viewer=current_user()))
-            out["model"] = [{"value": m["ref"], "label": f"{m['name']} ({m['pipeline']})"} for m in models]
+            out["model"] = [{"value": m["ref"], "label": f"{m['name']} ({m['pipeline']})"} for m in models
+                            if _family(sample_kind(m["pipeline"])) == _family(kind)]
         for f in fields:
             if f["upload_kind"]:
                 rows, _ = uploads.list_uploads(session, f["upload_kind"], limit=20, viewer=current_user())
@@ -67,6 +73,11 @@ def render_submit(kind: str, values: dict | None = None, errors: dict | None = N
     more = [f for f in fields if order and f["name"] not in order]
     if "preset" in values and entry.get("presets"):
         values = {**entry["presets"].get(values["preset"], {}).get("params", {}), **values}
+    suggestions = _suggestions(services(), kind, fields)
+    if suggestions.get("model") and not values.get("model"):
+        # A local model first, not the hub id the spec defaults to: a worker with no route
+        # to the hub cannot load that, and a filled-in value hides the list of the others.
+        values = {**values, "model": suggestions["model"][0]["value"]}
     return render_template(
         "submit.html",
         kind=entry,
@@ -77,7 +88,7 @@ def render_submit(kind: str, values: dict | None = None, errors: dict | None = N
         errors=by_field,
         general_errors=general,
         files_dropped=files_dropped,
-        suggestions=_suggestions(services(), fields),
+        suggestions=suggestions,
         presets=entry.get("presets", {}),
     ), status
 
@@ -98,7 +109,7 @@ def submit_index():
 
 
 @bp.route("/submit/<kind>", methods=["GET", "POST"])
-@limiter.limit(submit_limit, methods=["POST"])
+@submit_limited
 def submit(kind: str):
     if kind not in KINDS:
         return render_template("error.html", code=404, message=f"unknown job kind {kind!r}"), 404
@@ -127,18 +138,15 @@ def submit(kind: str):
         try:
             priority = int(raw_priority)
         except ValueError:
-            priority = raw_priority  # not a number: validate_priority names the field
-        validate_priority(priority)
-        # Check everything else before storing a file: a refused form creates nothing.
-        model_refs.check_job_refs(kind, {**params, **{name: forms.PENDING_UPLOAD for name in chosen}}, svc.settings)
+            priority = raw_priority  # not a number: the door names the field
+        # The door's checks before any file is stored, a chosen file standing in as pending:
+        # a refused form creates nothing.
         with svc.sessions() as session:
-            given = {k: v for k, v in params.items() if k not in chosen}
-            uploads.check_upload_refs(session, KINDS[kind].spec, given, current_user())
-            auth.check_job_refs(session, given, current_user())
-            auth.check_quota(session, current_user(), svc.settings.max_queued_per_user)
+            jobs.admit(session, svc.settings, kind, {**params, **{name: forms.PENDING_UPLOAD for name in chosen}},
+                       priority, current_user(), pending=frozenset(chosen))
         refs = forms.save_files(svc, kind, chosen)
-        job = jobs.submit(svc.sessions, svc.producer, kind, {**params, **refs}, priority, owner=current_user(),
-                          max_queued=svc.settings.max_queued_per_user)
+        job = jobs.submit(svc.sessions, svc.producer, svc.settings, kind, {**params, **refs}, priority,
+                          owner=current_user())
     except SpecError as exc:
         values = {**request.form.to_dict(), **refs}  # a stored file need not be chosen again
         return render_submit(kind, values, exc.fields or {"params": str(exc)}, status=400,
@@ -167,6 +175,9 @@ def jobs_page():
 @bp.get("/jobs/<job_id>")
 def job_page(job_id: str):
     job = job_json(jobs.get_job(reads(), job_id, current_user(), artifacts=True))
+    # The page's script polls the API where the page was loaded from: DIFFQUEUE_PUBLIC_URL
+    # may name another origin (127.0.0.1 for a page opened on localhost), which it cannot fetch.
+    job["url"] = url_for("api.get_job", job_id=job_id)
     return render_template("job.html", job=job, sample_kind=SAMPLE_KIND["DDPMPipeline"])
 
 
@@ -190,9 +201,10 @@ def cancel_job(job_id: str):
 
 
 @bp.post("/jobs/<job_id>/retry")
+@submit_limited
 def retry_job(job_id: str):
     svc = services()
-    jobs.retry_and_publish(svc.sessions, svc.producer, job_id, current_user(), svc.settings.max_queued_per_user)
+    jobs.retry_and_publish(svc.sessions, svc.producer, svc.settings, job_id, current_user())
     with svc.sessions() as session:
         return _after_action(jobs.get_job(session, job_id))
 
@@ -294,6 +306,7 @@ def new_schedule():
 
 
 @bp.post("/schedules/<schedule_id>/<action>")
+@limiter.shared_limit(submit_limit, scope="submit", exempt_when=lambda: request.view_args.get("action") != "run-now")
 def schedule_action(schedule_id: str, action: str):
     """The schedules page's buttons: pause, resume, run-now, delete."""
     svc = services()

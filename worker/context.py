@@ -64,6 +64,10 @@ class JobContext:
         self._failpoints = failpoints.parse(settings.failpoints)
         # Set by the heartbeat when the lease could not be renewed: another attempt owns the job.
         self.lease_lost = threading.Event()
+        # What the executor adds to the job's result whatever the runner returns: warnings
+        # (a list) and notes (keys of their own), such as a model id that was an alias.
+        self.warnings: list[str] = []
+        self.notes: dict = {}
 
     # ------------------------------------------------------------- progress
     def progress(self, step: int, total: int | None, message: str | None = None, phase: str | None = None) -> None:
@@ -170,6 +174,17 @@ class JobContext:
             self.write_file(f"{prefix}/{path.relative_to(folder).as_posix()}", path)
 
     # --------------------------------------------------------------- models
+    def unalias(self, ref: str) -> str:
+        """The hub id to load for `ref`: itself, or where a moved hub id went, which the
+        job's result then records (`model_aliases` and a warning)."""
+        source = model_refs.model_source(ref, self.settings)
+        if source.alias_of is None:
+            return ref
+        self.notes.setdefault("model_aliases", {})[ref] = source.hub_id
+        self.warnings.append(f"model {ref} is no longer on the Hugging Face hub; loaded its copy {source.hub_id}")
+        self.log.warning("model %s is an alias: loading %s", ref, source.hub_id)
+        return source.hub_id
+
     def model_source(self, ref: str) -> str:
         """Where `ref` resolves from, in this order: "job" (`job:<id>`), "local" (a folder
         under DIFFQUEUE_MODELS_DIR; a plain name is always local), "hub" (an `org/name`
@@ -187,12 +202,7 @@ class JobContext:
         if source.kind == "job":
             return self._job_model(ref[4:])
         if source.kind == "hub":
-            return self._hub_model(ref)
-        root = self.settings.models_dir
-        if root is None:
-            raise ModelNotFound(f"model {ref!r}: DIFFQUEUE_MODELS_DIR is not set, so only job:<id> models are available")
-        if source.path is None:
-            raise ModelNotFound(f"model {ref!r} is not a folder under {root}")
+            return self._hub_model(self.unalias(ref))
         return source.path
 
     def _hub_model(self, repo_id: str) -> Path:

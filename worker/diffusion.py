@@ -27,7 +27,7 @@ def ddpm_denoise(
     guidance_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     guidance_scale: float = 0.0,
 ) -> torch.Tensor:
-    """The loop of SEEDS.md §1/§4: start from noise, predict, `scheduler.step`.
+    """The book's sampling loop: start from noise, predict, `scheduler.step`.
     Returns images in [-1, 1] on the CPU. Noise is drawn on the CPU from `generator`
     so a seed gives the same images on any device. `on_step(i, n, x, pred_x0)` sees
     the current sample and the model's guess of the final image after each step.
@@ -36,7 +36,7 @@ def ddpm_denoise(
     draws its starting noise and every step's noise from `generator[i]` alone, so it
     comes out the same whatever batch it is in.
 
-    `guidance_loss(x0) -> (N,)` turns on SEEDS.md §9's loss guidance: before each
+    `guidance_loss(x0) -> (N,)` turns on the book's loss guidance: before each
     scheduler step, x moves against the gradient w.r.t. x of `guidance_scale` times
     the loss of the (unclipped) predicted x0. Per-image losses are summed, so one
     image's nudge does not depend on the others in its batch."""
@@ -69,7 +69,7 @@ def ddpm_denoise(
 def sample_step_done(ctx, i: int, n: int, x, pred_x0, preview_every: int, done: int, total: int,
                      message: str) -> None:
     """After sampling step i of n: cancel check, progress, and every `preview_every`
-    steps (0: never) SEEDS.md §1's figure, x beside the predicted x0; preview.png is
+    steps (0: never) the book's figure, x beside the predicted x0; preview.png is
     always the latest."""
     ctx.check_cancelled()
     ctx.progress(done, total, message)
@@ -149,7 +149,7 @@ def predicted_x0(scheduler, model_output: torch.Tensor, t, x: torch.Tensor) -> t
 
 
 def color_loss(x0: torch.Tensor, color: list[float]) -> torch.Tensor:
-    """SEEDS.md §9: per image, the mean absolute distance of x0 (in [-1, 1]) to `color`
+    """The book's colour loss, per image: the mean absolute distance of x0 (in [-1, 1]) to `color`
     (values in [0, 1], one per channel) mapped to [-1, 1]."""
     target = torch.tensor(color, device=x0.device, dtype=x0.dtype).view(1, -1, 1, 1) * 2 - 1
     return (x0 - target).abs().mean(dim=(1, 2, 3))
@@ -181,7 +181,7 @@ PREVIEW_GAP_PX = 8  # white space between the two grids of a preview
 
 
 def preview_figure(x: torch.Tensor, pred_x0: torch.Tensor) -> Image.Image:
-    """SEEDS.md §1's figure: the current x (left) beside the predicted x0 (right)."""
+    """The book's figure: the current x (left) beside the predicted x0 (right)."""
     left = make_grid(to_pil(x.clamp(-1, 1).cpu()))
     right = make_grid(to_pil(pred_x0.clamp(-1, 1).cpu()))
     size = (left.width * 2 + PREVIEW_GAP_PX, left.height)
@@ -200,7 +200,7 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 def loss_plot_png(losses: list[float], path) -> None:
-    """The loss curve, whole run and (once there are enough steps) the tail, as in SEEDS.md §2."""
+    """The loss curve, whole run and (once there are enough steps) the tail, as the book plots it."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -25,13 +25,16 @@ from worker import coalesce, failpoints
 from worker.context import JobContext
 from worker.runners import RUNNERS
 from worker.sd import PipelineCache
+from worker.server_paths import hide_server_paths, server_roots
 
 log = logging.getLogger(__name__)
 
 
-def failure(job_id: str, exc: Exception) -> tuple:
+def failure(job_id: str, exc: Exception, settings: Settings) -> tuple:
     """(status, result, error, traceback) for what a runner raised; status None when
-    this execution lost its claim (the row is left alone)."""
+    this execution lost its claim (the row is left alone). The error and traceback are
+    shown to the job's owner, so server paths in them become names (hide_server_paths);
+    the worker's log keeps them whole."""
     if isinstance(exc, JobCancelled):
         return JobStatus.CANCELLED, None, "cancelled by request", None
     if isinstance(exc, LeaseLost):
@@ -39,7 +42,16 @@ def failure(job_id: str, exc: Exception) -> tuple:
         return None, None, None, None
     error = f"{type(exc).__name__}: {exc}"
     log.error("job %s failed: %s", job_id, error)
-    return JobStatus.FAILED, None, error, "".join(traceback.format_exception(exc))
+    roots = server_roots(settings)
+    tb = "".join(traceback.format_exception(exc))
+    return JobStatus.FAILED, None, hide_server_paths(error, roots), hide_server_paths(tb, roots)
+
+
+def with_notes(result: dict, ctx: JobContext) -> dict:
+    """A runner's result with what its context noted on the way (worker/context.py)."""
+    if ctx.warnings:
+        result["warnings"] = [*result.get("warnings", []), *ctx.warnings]
+    return {**ctx.notes, **result}
 
 
 class Heartbeat:
@@ -114,11 +126,11 @@ class Executor:
         status, result, error, tb = JobStatus.SUCCEEDED, None, None, None
         try:
             spec = validate_params(kind, params)
-            result = RUNNERS[kind](spec, ctx) or {}
+            result = with_notes(RUNNERS[kind](spec, ctx) or {}, ctx)
         except WorkerShuttingDown:
             return self._requeue(job_id, token)
         except Exception as exc:  # recorded on the job, never swallowed
-            status, result, error, tb = failure(job_id, exc)
+            status, result, error, tb = failure(job_id, exc, self.settings)
         finally:
             heartbeat.stop()
             ctx.close()
@@ -148,7 +160,7 @@ class Executor:
         outcomes: dict[int, tuple] = {}
 
         def fail(k: int, exc: Exception) -> None:
-            outcomes[k] = failure(members[k].job_id, exc)
+            outcomes[k] = failure(members[k].job_id, exc, self.settings)
 
         ids = [m.job_id for m in members]
         rows = sum(coalesce.batch_rows(m.kind, m.spec) for m in members)
@@ -171,7 +183,7 @@ class Executor:
                 if i not in images:
                     continue
                 try:
-                    result = plans[i].finish(images[i]) or {}
+                    result = with_notes(plans[i].finish(images[i]) or {}, ctxs[k])
                 except WorkerShuttingDown:
                     raise
                 except Exception as exc:

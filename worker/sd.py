@@ -1,5 +1,5 @@
 """What the Stable Diffusion runners share: loading pipelines (kept warm in an LRU),
-the schedulers by name, and the batched classifier-free-guidance loop of SEEDS §5.
+the schedulers by name, and the batched classifier-free-guidance loop of the book's hand-written one.
 
 The loop is the source's hand-written one, widened to a batch in which every row
 has its own text embedding, guidance scale and generator:
@@ -100,13 +100,10 @@ def _source(ref: str, settings: Settings) -> tuple[str, bool]:
         raise ModelNotFound(f"model {ref}: {source.refused}")
     if source.path is not None:
         return str(source.path), True
-    if source.kind == "local":
-        raise ModelNotFound(f"model {ref!r} is not a folder under DIFFQUEUE_MODELS_DIR ({settings.models_dir}) "
-                            "and not a hub id (org/name)")
     try:
-        return ref, hub.lookup("model", ref, logging.getLogger(__name__))
+        return source.hub_id, hub.lookup("model", source.hub_id, logging.getLogger(__name__))
     except Exception as exc:
-        raise ModelNotFound(hub.load_error(f"model {ref}", "unknown id", exc)) from None
+        raise ModelNotFound(hub.load_error(f"model {source.hub_id}", "unknown id", exc)) from None
 
 
 def load_pipeline(key: PipelineKey, settings: Settings) -> StableDiffusionPipeline:
@@ -277,14 +274,15 @@ def chunks(rows: list, size: int) -> list[list]:
 def get_pipeline(spec, ctx):
     """The job's pipeline from the worker's warm cache (loaded on a miss). Returns (pipe, hit)."""
     device = ctx.device
-    key = PipelineKey(spec.model, spec.variant, resolve_dtype(spec.torch_dtype, device, ctx.log), device, spec.vae,
+    model, vae = ctx.unalias(spec.model), spec.vae and ctx.unalias(spec.vae)
+    key = PipelineKey(model, spec.variant, resolve_dtype(spec.torch_dtype, device, ctx.log), device, vae,
                       spec.compile and device == "cuda")
     pipe, hit = ctx.pipelines.get(key, lambda: load_pipeline(key, ctx.settings))
     if spec.vae_tiling:
         pipe.vae.enable_tiling()
     else:
         pipe.vae.disable_tiling()
-    ctx.log.info("model %s (%s, %s): cache %s", spec.model, key.dtype, device, "hit" if hit else "miss")
+    ctx.log.info("model %s (%s, %s): cache %s", model, key.dtype, device, "hit" if hit else "miss")
     return pipe, hit
 
 

@@ -147,13 +147,19 @@ def test_cancel_a_running_job_from_the_list(ui, page, screenshots):
     page.screenshot(path=screenshots / "jobs-cancelled.png", full_page=True)
 
 
+def broken_model(ui) -> str:
+    """An empty folder in the models dir: accepted at submit, and its job fails on the worker."""
+    (ui.settings.models_dir / "broken-model").mkdir(parents=True, exist_ok=True)
+    return "broken-model"
+
+
 def test_a_failed_job_shows_its_error_and_retries_from_its_page(ui, page):
-    job = ui.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": {"model": "no-such-model"}}).json()
+    job = ui.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": {"model": broken_model(ui)}}).json()
     page.goto(f"{ui.url}/jobs/{job['id']}")
     mark_document(page)
     wait_status(page, "#status", "failed", timeout_s=60)
     error = ui.api("GET", f"/jobs/{job['id']}").json()["error"]
-    assert "no-such-model" in error
+    assert "broken-model" in error
     assert page.is_visible("#error-box") and page.text_content("#error") == error
     assert page.is_visible("#retry") and page.is_hidden("#cancel")
 
@@ -164,7 +170,7 @@ def test_a_failed_job_shows_its_error_and_retries_from_its_page(ui, page):
 
 
 def test_pin_a_finished_job_from_its_page(ui, page):
-    job = ui.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": {"model": "no-such-model"}}).json()
+    job = ui.api("POST", "/jobs", json={"kind": "ddpm.sample", "params": {"model": broken_model(ui)}}).json()
     page.goto(f"{ui.url}/jobs/{job['id']}")
     mark_document(page)
     wait_status(page, "#status", "failed", timeout_s=60)

@@ -203,12 +203,12 @@ def test_cancel_unknown_job(factory):
 
 
 # ------------------------------------------------------------------ retry
-def test_retry_failed_job(factory):
+def test_retry_failed_job(factory, settings):
     job_id, token = claimed(factory)
     with factory() as session:
         assert jobs.finish(session, job_id, token, JobStatus.FAILED, error="boom", traceback="tb")
     with factory() as session:
-        job = jobs.retry(session, job_id)
+        job = jobs.retry(session, settings, job_id)
         session.commit()
         assert job.status == "queued"
     job = load(factory, job_id)
@@ -221,13 +221,13 @@ def test_retry_failed_job(factory):
         assert jobs.report_progress(session, job_id, token, 1, 2, "old execution") is False
 
 
-def test_retry_cancelled_job(factory):
+def test_retry_cancelled_job(factory, settings):
     job_id = insert_job(factory)
     with factory() as session:
         jobs.cancel(session, job_id)
         session.commit()
     with factory() as session:
-        jobs.retry(session, job_id)
+        jobs.retry(session, settings, job_id)
         session.commit()
     job = load(factory, job_id)
     assert job.status == "queued" and job.cancel_requested is False
@@ -236,22 +236,22 @@ def test_retry_cancelled_job(factory):
 
 
 @pytest.mark.parametrize("finish_as", [JobStatus.SUCCEEDED, None])
-def test_retry_succeeded_or_running_is_invalid(factory, finish_as):
+def test_retry_succeeded_or_running_is_invalid(factory, settings, finish_as):
     job_id, token = claimed(factory)
     if finish_as:
         with factory() as session:
             assert jobs.finish(session, job_id, token, finish_as, result={})
     with factory() as session:
         with pytest.raises(InvalidTransition):
-            jobs.retry(session, job_id)
+            jobs.retry(session, settings, job_id)
     assert load(factory, job_id).status == (finish_as.value if finish_as else "running")
 
 
-def test_retry_queued_is_invalid(factory):
+def test_retry_queued_is_invalid(factory, settings):
     job_id = insert_job(factory)
     with factory() as session:
         with pytest.raises(InvalidTransition):
-            jobs.retry(session, job_id)
+            jobs.retry(session, settings, job_id)
 
 
 # ------------------------------------------------------------------ artifacts
@@ -320,7 +320,7 @@ def _broker_messages(settings) -> list[dict]:
 def test_submit_commits_and_publishes(sqlite_settings):
     engine = make_engine(sqlite_settings.database_url)
     factory = make_sessionmaker(engine)
-    job = jobs.submit(factory, make_producer(sqlite_settings), "ddpm.train", {"max_steps": 4}, priority=3)
+    job = jobs.submit(factory, make_producer(sqlite_settings), sqlite_settings, "ddpm.train", {"max_steps": 4}, priority=3)
     assert job.status == "queued"
     assert job.params["max_steps"] == 4 and job.params["image_size"] == 16  # filled from the preset
     assert job.published_at is not None
@@ -342,7 +342,7 @@ def test_submit_invalid_params_creates_nothing(sqlite_settings):
     engine = make_engine(sqlite_settings.database_url)
     factory = make_sessionmaker(engine)
     with pytest.raises(SpecError):
-        jobs.submit(factory, make_producer(sqlite_settings), "ddpm.train", {"max_steps": 0})
+        jobs.submit(factory, make_producer(sqlite_settings), sqlite_settings, "ddpm.train", {"max_steps": 0})
     with factory() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
     engine.dispose()
@@ -353,7 +353,8 @@ def test_submit_with_the_broker_down_keeps_the_row_queued(sqlite_settings):
     factory = make_sessionmaker(engine)
     down = make_producer(replace(sqlite_settings, broker_url="redis://127.0.0.1:1/0"))
     started = time.monotonic()
-    job = jobs.submit(factory, down, "ddpm.sample", {"model": "my-model"})
+    (sqlite_settings.models_dir / "my-model").mkdir(parents=True)
+    job = jobs.submit(factory, down, sqlite_settings, "ddpm.sample", {"model": "my-model"})
     assert time.monotonic() - started < 15
     row = load(factory, job.id)
     assert row.status == "queued"

@@ -8,7 +8,7 @@ import pytest
 
 from shared.config import Settings
 from shared.errors import SpecError
-from shared.model_refs import check_job_refs, hub_refusal, model_source, ref_problems
+from shared.model_refs import hub_refusal, model_source, ref_problems
 
 
 @pytest.mark.parametrize("allow, repo_id, allowed", [
@@ -48,7 +48,7 @@ def settings(tmp_path) -> Settings:
     ("job:" + "a" * 32, "job", None, None),
     ("org/inside", "local", "org/inside", None),
     ("in", "local", "org/inside", None),  # a link that stays inside: its target
-    ("missing", "local", None, None),  # a plain name is local; the worker says it is missing
+    ("missing", "local", None, "is not a folder under DIFFQUEUE_MODELS_DIR"),  # and no hub id: refused
     ("out", "local", None, "leads out"),
     ("out-org/model", "local", None, "leads out"),
     ("dangling", "local", None, "leads out"),
@@ -69,11 +69,19 @@ def test_model_source(settings, ref, kind, where, refused):
         assert refused in source.refused and repr(ref) in source.refused
 
 
-def test_without_a_models_dir_names_are_local_and_hub_ids_checked(settings):
+def test_without_a_models_dir_names_are_refused_and_hub_ids_checked(settings):
     bare = replace(settings, models_dir=None)
-    assert model_source("out", bare) == model_source("missing", bare)
-    assert model_source("out", bare).refused is None
+    assert "DIFFQUEUE_MODELS_DIR, which is not set" in model_source("out", bare).refused
     assert "not allowed" in model_source("evil/model", bare).refused
+
+
+def test_a_moved_hub_id_resolves_to_its_copy_and_the_allowlist_sees_the_copy(settings):
+    old = "runwayml/stable-diffusion-v1-5"
+    source = model_source(old, replace(settings, hub_models_allow="stable-diffusion-v1-5/*"))
+    assert (source.kind, source.hub_id, source.alias_of, source.refused) == (
+        "hub", "stable-diffusion-v1-5/stable-diffusion-v1-5", old, None)
+    assert "not allowed" in model_source(old, replace(settings, hub_models_allow="runwayml/*")).refused
+    assert model_source("google/ddpm-cat", settings).alias_of is None
 
 
 def test_ref_problems_names_each_field(settings):
@@ -84,9 +92,14 @@ def test_ref_problems_names_each_field(settings):
     assert ref_problems("ddpm.train", {"dataset": "digits"}, settings) == {}
 
 
-def test_check_job_refs_sees_preset_filled_values(settings):
+def test_the_door_sees_preset_filled_values(settings):
     """sd.txt2img's `guide` preset brings a hub VAE: refused under a list without it."""
-    with pytest.raises(SpecError) as err:
-        check_job_refs("sd.txt2img", {"model": "org/inside", "prompts": ["a"], "preset": "guide"}, settings)
-    assert set(err.value.fields) == {"vae"} and "stabilityai/sd-vae-ft-ema" in err.value.fields["vae"]
-    check_job_refs("sd.txt2img", {"model": "org/inside", "prompts": ["a"]}, settings)  # no error
+    from shared import jobs
+    from shared.db import make_engine, make_sessionmaker, upgrade
+
+    upgrade(settings.database_url)
+    with make_sessionmaker(make_engine(settings.database_url))() as session:
+        with pytest.raises(SpecError) as err:
+            jobs.admit(session, settings, "sd.txt2img", {"model": "org/inside", "prompts": ["a"], "preset": "guide"})
+        assert set(err.value.fields) == {"vae"} and "stabilityai/sd-vae-ft-ema" in err.value.fields["vae"]
+        jobs.admit(session, settings, "sd.txt2img", {"model": "org/inside", "prompts": ["a"]})  # no error

@@ -25,7 +25,7 @@ def env(sqlite_settings):
 
 def submit(env) -> str:
     settings, sessions, producer = env
-    return jobs.submit(sessions, producer, "ddpm.schedule_plot", {}).id
+    return jobs.submit(sessions, producer, settings, "ddpm.schedule_plot", {}).id
 
 
 def get(env, job_id: str) -> Job:
@@ -80,7 +80,7 @@ def test_a_redelivered_message_recovers_the_job_the_same_way(env):
 def test_a_job_submitted_while_the_broker_is_down_is_published_by_the_reaper(env, tmp_path):
     settings, sessions, producer = env
     down = make_producer(replace(settings, broker_url="redis://127.0.0.1:1/0"))  # nothing listens there
-    job = jobs.submit(sessions, down, "ddpm.schedule_plot", {})
+    job = jobs.submit(sessions, down, settings, "ddpm.schedule_plot", {})
     row = get(env, job.id)
     assert (row.status, row.published_at, row.publish_count) == ("queued", None, 0)  # committed, not published
     assert reaper.reap(sessions, producer, settings, now=utcnow()).republished == []  # a moment's grace

@@ -234,13 +234,16 @@ def test_beat_runs_retention_once_per_interval(sqlite_settings):
     app = make_producer(settings)
     app.conf.diffqueue_settings = settings
     ticker = ScheduleTicker(app)
-    env = (settings, ticker.sessions, ticker.storage)
-    first = add_job(env, now=utcnow())  # beat goes by the real clock
-    ticker.tick()
-    assert gone(env, first)
-    second = add_job(env, now=utcnow())
-    ticker.tick()
-    assert kept(env, second)  # within the interval: not yet
-    ticker.retention_due = 0.0  # the interval has passed
-    ticker.tick()
-    assert gone(env, second)
+    try:
+        env = (settings, ticker.sessions, ticker.storage)
+        first = add_job(env, now=utcnow())  # beat goes by the real clock
+        ticker.tick()
+        assert gone(env, first)
+        second = add_job(env, now=utcnow())
+        ticker.tick()
+        assert kept(env, second)  # within the interval: not yet
+        ticker.retention_due = 0.0  # the interval has passed
+        ticker.tick()
+        assert gone(env, second)
+    finally:
+        ticker.close()  # its webhook senders too

@@ -37,7 +37,7 @@ def assert_names(err: SpecError, field: str, fragment: str) -> None:
 def test_txt2img_defaults():
     spec = validate_params("sd.txt2img", ROSE)
     assert spec.model_dump() == {
-        "model": "runwayml/stable-diffusion-v1-5", "variant": None, "torch_dtype": "auto", "vae": None,
+        "model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "variant": None, "torch_dtype": "auto", "vae": None,
         "scheduler": "pndm", "steps": 50, "width": 512, "height": 512, "seed": 0, "batch_size": 8,
         "preview_every": None, "compile": False, "vae_tiling": False,
         "prompts": ["a watercolor rose"], "prompts_upload": None, "negative_prompt": None,

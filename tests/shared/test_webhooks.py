@@ -7,20 +7,23 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
+import ssl
 import threading
+import time
 from dataclasses import replace
 from datetime import timedelta
 from urllib.parse import urlsplit
 
 import pytest
-import requests
 from sqlalchemy import delete, select
 
 from shared import jobs, webhooks
 from shared.db import make_engine, make_sessionmaker
+from shared.errors import SpecError
 from shared.models import Job, JobStatus, WebhookDelivery, utcnow
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import Receiver, Trickler
 
 SECRET = "s3cret-for-the-tests-0123"
 
@@ -115,6 +118,49 @@ def test_without_a_job_secret_the_server_key_signs_and_is_not_the_session_key(sq
     assert not webhooks.verify_signature(sqlite_only.secret_key, headers["X-Diffqueue-Signature"], body)
     configured = replace(sqlite_only, webhook_secret="configured-webhook-secret")
     assert webhooks.server_secret(configured) == "configured-webhook-secret"
+
+
+# ------------------------------------------------------------------ the SSRF filter
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "10.1.2.3", "169.254.169.254", "::1", "::ffff:127.0.0.1",
+    "2002:7f00:1::", "2002:a9fe:a9fe::",  # 6to4 of loopback and of the metadata address
+    "2002:a00:1::1",  # 6to4 of 10.0.0.1
+    "fec0::1", "fefe::1",  # site-local (fec0::/10)
+    "192.0.0.9", "192.0.0.255",  # IETF protocol assignments, all of 192.0.0.0/24
+    "192.88.99.1",  # the 6to4 relay anycast
+    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::a00:1",  # NAT64 of loopback, metadata, 10.0.0.1
+    "2001:0:7f00:1::1",  # Teredo, server 127.0.0.1
+    "2001:0:808:808::3f57:fffe",  # Teredo, public server, client 192.168.0.1 (stored inverted)
+])
+def test_non_public_addresses_are_refused_without_echoing_them(address):
+    host = f"[{address}]" if ":" in address else address
+    with pytest.raises(ValueError) as refused:
+        webhooks.resolve_url(f"http://{host}/hook", allow_private=False)
+    message = str(refused.value)
+    assert message.startswith(f"host {address!r} resolves to a non-public address and is refused")
+    assert "DIFFQUEUE_WEBHOOK_ALLOW_PRIVATE=1" in message
+    assert message.count(address) == 1  # the host as given, and nothing it resolves to
+    parts, addresses = webhooks.resolve_url(f"http://{host}/hook", allow_private=True)
+    assert [ipaddress.ip_address(a) for a in addresses] == [ipaddress.ip_address(address)]
+
+
+@pytest.mark.parametrize("address", [
+    "8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8",
+    "2002:808:808::1",  # 6to4 of a public address
+    "64:ff9b::808:808",  # NAT64 of a public address: what DNS64 answers on an IPv6-only network
+])
+def test_public_addresses_and_their_ipv6_forms_are_accepted(address):
+    host = f"[{address}]" if ":" in address else address
+    _, addresses = webhooks.resolve_url(f"https://{host}/hook", allow_private=False)
+    assert [ipaddress.ip_address(a) for a in addresses] == [ipaddress.ip_address(address)]
+
+
+def test_a_name_resolving_inward_is_refused_without_its_address(sqlite_settings):
+    with pytest.raises(SpecError) as refused:
+        webhooks.validate_fields({"webhook_url": "http://localhost:8080/hook"}, sqlite_settings)
+    message = refused.value.fields["webhook_url"]
+    assert message.startswith("host 'localhost' resolves to a non-public address and is refused")
+    assert "127.0.0.1" not in str(refused.value) and "::1" not in str(refused.value)
 
 
 # ------------------------------------------------------------------ the outbox
@@ -235,7 +281,7 @@ def test_an_unreachable_receiver_is_logged_and_holds_back_the_jobs_later_events(
     run_to_completion(factory, job_id)
     t0 = utcnow()
     [outcome] = webhooks.deliver_due(factory, sqlite_only, t0)
-    assert outcome.status_code is None and outcome.error.startswith("ConnectionError")
+    assert outcome.status_code is None and outcome.error.startswith("ConnectionRefusedError")
     started, completed = deliveries(factory, job_id)
     assert (started.event, started.attempts, started.last_error) == ("started", 1, outcome.error)
     # completed is due, but goes out only after started: in order, per job.
@@ -251,7 +297,8 @@ def test_the_address_is_checked_again_at_send_time(sqlite_only, receiver):
     strict = replace(sqlite_only, webhook_allow_private=False)
     [outcome] = webhooks.deliver_due(factory, strict)
     assert outcome.status_code is None
-    assert outcome.error.startswith("refused: webhook_url host '127.0.0.1' resolves to 127.0.0.1")
+    assert outcome.error.startswith("refused: webhook_url host '127.0.0.1' resolves to a non-public address")
+    assert outcome.error.count("127.0.0.1") == 1  # the host as given, not what it resolves to
     assert receiver.received == []
 
 
@@ -344,15 +391,96 @@ def test_tls_to_the_checked_address_still_verifies_the_hostname(self_signed):
     wrong = Receiver(certfile=self_signed["other"])
     try:
         parts = urlsplit(f"https://localhost:{good.port}/hook")
-        status, _ = webhooks.post_pinned(parts, "127.0.0.1", b"{}", {}, 5, verify=self_signed["localhost"])
+        status, _ = webhooks.post_pinned(parts, "127.0.0.1", b"{}", {}, 5, ca_file=self_signed["localhost"])
         assert status == 200
         [(headers, _)] = good.received
         assert headers["Host"] == f"localhost:{good.port}"
         # A server at the pinned address whose certificate is not for the URL's host is refused.
-        with pytest.raises(requests.exceptions.SSLError):
+        with pytest.raises(ssl.SSLCertVerificationError):
             webhooks.post_pinned(urlsplit(f"https://localhost:{wrong.port}/hook"), "127.0.0.1", b"{}", {}, 5,
-                                 verify=self_signed["other"])
+                                 ca_file=self_signed["other"])
         assert wrong.received == []
     finally:
         good.close()
         wrong.close()
+
+
+# ------------------------------------------------------------------ a receiver that trickles
+def test_a_trickling_receiver_is_cut_off_at_the_deadline_and_retried(sqlite_only):
+    """One byte every 0.5 s never trips a per-read timeout; the delivery's deadline on the
+    whole response ends it, as a failed attempt with the usual backoff."""
+    trickler = Trickler(interval_s=0.5)
+    settings = replace(sqlite_only, webhook_timeout_s=2.0)
+    try:
+        factory = make_factory(settings)
+        job_id = insert_job(factory, trickler.url, events=["completed"])
+        run_to_completion(factory, job_id)
+        t0 = utcnow()
+        outcomes: list = []
+        # On a thread, so that a sender with no deadline fails this test instead of hanging it.
+        sender = threading.Thread(target=lambda: outcomes.extend(webhooks.deliver_due(factory, settings, t0)),
+                                  daemon=True)
+        started = time.monotonic()
+        sender.start()
+        sender.join(timeout=30)
+        elapsed = time.monotonic() - started
+        assert not sender.is_alive(), "the send to a trickling receiver did not end at its deadline"
+        assert 2.0 <= elapsed < 10, elapsed  # at the 2 s deadline (generously), not minutes later
+        assert trickler.connections == 1
+        [outcome] = outcomes
+        assert (outcome.state, outcome.status_code) == ("pending", None)
+        assert outcome.error == "no complete response within 2 s"
+        [d] = deliveries(factory, job_id)
+        assert (d.attempts, d.last_error) == (1, "no complete response within 2 s")
+        assert d.next_attempt_at == t0 + timedelta(seconds=settings.webhook_backoff_s)
+    finally:
+        trickler.close()
+
+
+def test_a_tls_receiver_trickling_its_answer_is_cut_off_at_the_deadline(self_signed):
+    trickler = Trickler(interval_s=0.3, certfile=self_signed["localhost"])
+    try:
+        parts = urlsplit(f"https://localhost:{trickler.port}/hook")
+        started = time.monotonic()
+        with pytest.raises(webhooks.DeliveryTimeout, match="no complete response within 1.5 s"):
+            webhooks.post_pinned(parts, "127.0.0.1", b"{}", {}, 1.5, ca_file=self_signed["localhost"])
+        assert 1.5 <= time.monotonic() - started < 8
+        assert trickler.connections == 1
+    finally:
+        trickler.close()
+
+
+def test_the_pool_sends_each_jobs_events_in_order_past_a_receiver_that_hangs(settings, receiver):
+    """Beat's senders: eight threads, one of them held by a trickling receiver, while
+    three jobs' events still go out at once and each job's in the order made."""
+    trickler = Trickler(interval_s=0.5)
+    settings = replace(settings, webhook_timeout_s=60.0, beat_interval_s=0.1)
+    factory = make_factory(settings)
+    stuck = insert_job(factory, trickler.url, events=["completed"])
+    run_to_completion(factory, stuck)
+    job_ids = [insert_job(factory, receiver.url, events=["started", "progress", "completed"]) for _ in range(3)]
+    for job_id in job_ids:
+        with factory() as session:
+            token = jobs.claim(session, job_id, "w1", 60)
+            assert jobs.report_progress(session, job_id, token, 1, 2, "half", webhook_progress_interval_s=0)
+            assert jobs.finish(session, job_id, token, JobStatus.SUCCEEDED, result={})
+    pool = webhooks.DeliveryPool(factory, settings).start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(receiver.received) < 9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(receiver.received) == 9
+        assert trickler.connections == 1 and trickler.hung_up == 0  # still hanging on to its send
+        for job_id in job_ids:
+            sent = [json.loads(body)["event"] for _, body in receiver.received
+                    if json.loads(body)["job"]["id"] == job_id]
+            assert sent == ["started", "progress", "completed"]
+    finally:
+        stopping = time.monotonic()
+        pool.stop(grace_s=1.0)
+        stopped_in = time.monotonic() - stopping
+        trickler.close()
+    assert stopped_in < 5  # the grace, not the trickling send's 60 s deadline
+    with factory() as session:
+        [held] = webhooks.list_deliveries(session, stuck)
+    assert (held.state, held.attempts) == ("pending", 1)  # claimed: no other sender takes it within its deadline

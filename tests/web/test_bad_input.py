@@ -23,9 +23,13 @@ from __future__ import annotations
 import io
 import json
 import re
+import secrets
+import tempfile
 from dataclasses import dataclass, replace
 from html import unescape
+from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import func, select
@@ -35,6 +39,7 @@ from shared.db import upgrade
 from shared.models import Job, Schedule, Upload
 from shared.specs import KINDS, kinds_schema
 from tests.upload_files import bomb_zip, flat_zip, png_bytes, png_header_only, zip_bytes
+from tests.conftest import fresh_pg_database, signed_in
 from web.forms import FILE_SUFFIX, form_fields
 
 HUB_ALLOW = "acme/*, google/ddpm-*"
@@ -108,17 +113,31 @@ class Env:
         return row, tuple(svc.storage.list("uploads"))
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> Env:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def env(request, tmp_path_factory) -> Env:
+    """The embedded default, and as deployed: PostgreSQL, the Redis broker and limiter,
+    auth on (the client sends an admin's token)."""
+    if request.param == "sqlite":
+        yield make_env(tmp_path_factory.mktemp("bad-input"), {})
+        return
+    redis_url = request.getfixturevalue("redis_url")
+    with fresh_pg_database("diffqueue_bad_input") as url:
+        upgrade(url)
+        yield make_env(tmp_path_factory.mktemp("bad-input-pg"), {
+            "database_url": url, "broker_url": redis_url, "ratelimit_storage_url": redis_url, "auth_enabled": True,
+            "secret_key": secrets.token_hex(32)})
+
+
+def make_env(tmp, deployed: dict) -> Env:
     from web import create_app
 
-    tmp = tmp_path_factory.mktemp("bad-input")
     settings = replace(
         Settings.embedded(tmp / "data"), csrf_enabled=False, progress_interval_s=0.0,
         rate_limit="1000000/minute", rate_limit_submit="1000000/minute",  # hundreds of refusals in a few seconds
         hub_models_allow=HUB_ALLOW, upload_max_bytes=64 * 1024, upload_max_files=MAX_FILES,
         upload_max_uncompressed_bytes=1024**2,
         enable_noop=True,  # every kind's hazards, noop's too (tests/web/test_noop.py: noop off)
+        **deployed,
     )
     upgrade(settings.database_url)
     # A model folder outside the models dir, and links to it from inside: `escape` (the
@@ -133,9 +152,13 @@ def env(tmp_path_factory) -> Env:
     (models / "linked-org").symlink_to(outside.parent)
     (models / "inside-link").symlink_to(models / "real-model")  # stays inside: allowed
     (models / "notes.txt").write_text("not a model")
+    for name in ("local-model", "sd-local"):  # the bases' models: folders, as a name must be
+        (models / name).mkdir()
 
     app = create_app(settings)
     client = app.test_client()
+    if settings.auth_enabled:
+        signed_in(client, settings)
     refs = {}
     for kind, data, name in [("image", png_bytes(), "cat.png"), ("prompts", b"a cat\n", "p.txt"),
                              ("dataset", flat_zip(2), "d.zip")]:
@@ -229,6 +252,7 @@ def schema_hazards(kind: str) -> list[Hazard]:
     found: list[Hazard] = []
 
     def walk(prop: dict, path: tuple, wrap: Callable[[Any], dict]):
+        takes_bool = any(b.get("type") == "boolean" for b in prop.get("anyOf", [prop]))
         for branch in prop.get("anyOf", [prop]):
             if "$ref" in branch:
                 name = branch["$ref"].rsplit("/", 1)[1]
@@ -240,6 +264,9 @@ def schema_hazards(kind: str) -> list[Hazard]:
             if kind_of in ("integer", "number") and "enum" not in branch:
                 for side, value, bound in _outside(branch):
                     found.append(Hazard(kind, f"bound-{side}", dotted, wrap(value), (_num(bound),)))
+            if kind_of in ("integer", "number") and not takes_bool:
+                # JSON's true is not 1 (pydantic's lax mode took it as 1).
+                found.append(Hazard(kind, "bool", dotted, wrap(True), ("not a boolean",)))
             if kind_of == "string" and "maxLength" in branch:
                 n = branch["maxLength"]
                 found.append(Hazard(kind, "too-long", dotted, wrap("x" * (n + 1)), (f"at most {n} character",)))
@@ -300,6 +327,7 @@ BAD_MODEL_REFS = [
     ("symlink-out", "escape", ("leads out",)),
     ("symlink-parent-out", "linked-org/secret-model", ("leads out",)),
     ("not-a-folder", "notes.txt", ("not a folder",)),
+    ("no-such-folder", "tyni-sd", ("not a folder under DIFFQUEUE_MODELS_DIR", "not a hub id")),
 ]
 
 
@@ -735,3 +763,66 @@ def test_allowed_references_are_accepted(env, kind, field, value):
     env.changed()
     resp = _post_job(env, kind, {**base(env, kind), field: value})
     assert resp.status_code == 202, resp.get_json()
+
+
+# ------------------------------------------------------------------ NUL characters
+def _nul_routes() -> list[tuple[str, str, str]]:
+    """(method, rule, variable): every route variable of the app, each to carry a NUL."""
+    from web import create_app
+
+    app = create_app(replace(Settings.embedded(Path(tempfile.mkdtemp()) / "data")), check_schema=False)
+    out = []
+    for rule in app.url_map.iter_rules():
+        for variable in re.findall(r"<(?:[^:>]+:)?([^>]+)>", rule.rule):
+            if rule.endpoint != "static":
+                out += [(method, rule.rule, variable) for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
+    return out
+
+
+NUL_ROUTES = _nul_routes()
+
+
+def _url(rule: str, env: Env, nul_in: str | None) -> str:
+    """`rule` with a real id in each variable (the env's schedule, an upload) and a NUL in one."""
+    def value(match) -> str:
+        name = match.group(1)
+        if name == nul_in:
+            return quote("abc\x00def")
+        return {"schedule_id": env.schedule_id, "upload_id": env.refs["image"][7:], "kind": "ddpm.train",
+                "action": "pause"}.get(name, "0" * 32)
+
+    return re.sub(r"<(?:[^:>]+:)?([^>]+)>", value, rule)
+
+
+@pytest.mark.parametrize("method, rule, variable", NUL_ROUTES, ids=[f"{m} {r} {v}" for m, r, v in NUL_ROUTES])
+def test_a_nul_in_a_path_is_a_400_naming_it(env, method, rule, variable):
+    refused(env, lambda: env.client.open(_url(rule, env, variable), method=method), 400, variable, ("NUL",))
+
+
+@pytest.mark.parametrize("url", ["/api/v1/jobs?status=queued%00", "/api/v1/uploads?kind=%00", "/jobs?kind=a%00",
+                                 "/api/v1/jobs?limit=5&x%00=1", "/login?next=/jobs%00"])
+def test_a_nul_in_a_query_is_a_400_naming_it(env, url):
+    name = re.search(r"[?&]([^=&]*)=[^&]*%00", url)
+    refused(env, lambda: env.client.get(url), 400, name.group(1) if name else "field name", ("NUL",))
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/v1/jobs", {"kind": "sd.sweep", "params": {"model": "sd-local", "prompt": "a\x00b"}}, "prompt"),
+    ("/api/v1/jobs", {"kind": "ddpm.train\x00", "params": {}}, "kind"),
+    ("/api/v1/jobs", {"kind": "ddpm.train", "params": {"max_steps": 4}, "webhook_secret": "s" * 20 + "\x00"},
+     "webhook_secret"),
+    ("/api/v1/schedules", {"name": "n\x00", "cron": "0 2 * * *", "kind": "ddpm.schedule_plot", "params": {}}, "name"),
+    ("/api/v1/schedules", {"name": "n", "cron": "0 2 * * *", "timezone": "UTC\x00", "kind": "ddpm.schedule_plot"},
+     "timezone"),
+])
+def test_a_nul_in_json_is_a_400_naming_it(env, path, body, field):
+    refused(env, lambda: env.client.post(path, json=body), 400, field, ("NUL",))
+
+
+@pytest.mark.parametrize("path, form, field", [
+    ("/login", {"user": "admin\x00", "password": "x" * 12}, "user"),
+    ("/submit/sd.sweep", {"model": "sd-local", "prompt": "a\x00b"}, "prompt"),
+    ("/schedules/new", {"name": "n\x00", "cron": "0 2 * * *", "kind": "ddpm.schedule_plot", "params": "{}"}, "name"),
+])
+def test_a_nul_in_a_form_is_a_400_naming_it(env, path, form, field):
+    refused(env, lambda: env.client.post(path, data=form), 400, field, ("NUL",))

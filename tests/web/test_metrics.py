@@ -13,7 +13,8 @@ from sqlalchemy import delete
 
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker, session_scope, upgrade
-from shared.models import Job, Schedule, Upload, WebhookDelivery, utcnow
+from shared import jobs as lifecycle
+from shared.models import Job, JobOutcomeCount, JobStatus, Schedule, Upload, WebhookDelivery, utcnow
 from tests.conftest import fresh_pg_database, free_port, signed_in
 
 
@@ -31,7 +32,7 @@ def settings(request, sqlite_settings) -> Settings:
         return sqlite_settings
     settings = replace(request.getfixturevalue("prod_settings"), database_url=request.getfixturevalue("own_pg_url"))
     with session_scope(make_sessionmaker(make_engine(settings.database_url))) as session:
-        for model in (Job, Upload, Schedule):
+        for model in (Job, Upload, Schedule, JobOutcomeCount):
             session.execute(delete(model))
     return settings
 
@@ -67,11 +68,10 @@ def test_metrics_from_jobs_in_several_states(settings):
                lease_expires_at=ago(-30)) for w in ("w1", "w1", "w2")],
         dict(kind="ddpm.train", queue="gpu", status="running", worker="w3", started_at=ago(500),
              lease_expires_at=ago(60)),
-        # finished in the window: 30 s and 400 s of training, a sampling job failed after 2 s
+        # finished: counted by the counters below only as the lifecycle finishes them
         dict(kind="ddpm.train", queue="gpu", status="succeeded", started_at=ago(130), finished_at=ago(100)),
         dict(kind="ddpm.train", queue="gpu", status="succeeded", started_at=ago(1000), finished_at=ago(600)),
         dict(kind="ddpm.sample", queue="gpu", status="failed", started_at=ago(12), finished_at=ago(10)),
-        # not in the histogram: cancelled before it started; finished two days ago
         dict(kind="sd.txt2img", queue="gpu", status="cancelled", finished_at=ago(50)),
         dict(kind="ddpm.train", queue="gpu", status="succeeded", started_at=ago(2 * 86400 + 60),
              finished_at=ago(2 * 86400)),
@@ -102,17 +102,56 @@ def test_metrics_from_jobs_in_several_states(settings):
                                                   (("state", "pending"),): 2}
     assert m["diffqueue_schedules"] == {(("enabled", "false"),): 1, (("enabled", "true"),): 2}
 
-    def bucket(kind, status, le):
-        return m["diffqueue_job_duration_seconds_bucket"][(("kind", kind), ("le", le), ("status", status))]
-
-    train, failed = (("kind", "ddpm.train"), ("status", "succeeded")), (("kind", "ddpm.sample"), ("status", "failed"))
-    assert m["diffqueue_job_duration_seconds_count"] == {train: 2, failed: 1}
-    assert m["diffqueue_job_duration_seconds_sum"][train] == pytest.approx(430)
-    assert m["diffqueue_job_duration_seconds_sum"][failed] == pytest.approx(2)
-    assert [bucket("ddpm.train", "succeeded", le) for le in ("15.0", "30.0", "300.0", "600.0", "+Inf")] == [0, 1, 1, 2, 2]
-    assert [bucket("ddpm.sample", "failed", le) for le in ("1.0", "5.0", "+Inf")] == [0, 1, 1]
     if settings.broker_url.startswith("sqla+"):
         assert "diffqueue_broker_up" not in m  # only the Redis broker is read
+
+
+def test_finished_jobs_are_counted_by_counters_that_only_grow(settings):
+    """Jobs finished through the lifecycle (a worker's finish, a cancel while queued) are
+    counted, with their run times, and deleting their rows (retention) takes nothing away:
+    Prometheus' rate() needs counters and histograms that never go down."""
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+
+    def finished(kind: str, status: JobStatus, ran_s: float) -> str:
+        with session_scope(sessions) as session:
+            job = Job(kind=kind, params={}, queue="gpu", status="queued")
+            session.add(job)
+        with sessions() as session:
+            token = lifecycle.claim(session, job.id, "w1", 60)
+            session.execute(Job.__table__.update().where(Job.id == job.id)
+                            .values(started_at=utcnow() - timedelta(seconds=ran_s)))
+            session.commit()
+            assert lifecycle.finish(session, job.id, token, status, result={})
+        return job.id
+
+    [finished("ddpm.train", JobStatus.SUCCEEDED, 25), finished("ddpm.train", JobStatus.SUCCEEDED, 400),
+           finished("ddpm.sample", JobStatus.FAILED, 2)]
+    with session_scope(sessions) as session:
+        queued = Job(kind="sd.txt2img", params={}, queue="gpu", status="queued")
+        session.add(queued)
+    with session_scope(sessions) as session:
+        lifecycle.cancel(session, queued.id)  # finished without running: counted, no run time
+
+    def check(m, train_n: int):
+        def bucket(kind, status, le):
+            return m["diffqueue_job_duration_seconds_bucket"][(("kind", kind), ("le", le), ("status", status))]
+
+        train, failed = (("kind", "ddpm.train"), ("status", "succeeded")), (("kind", "ddpm.sample"), ("status", "failed"))
+        assert m["diffqueue_jobs_finished_total"] == {
+            train: train_n, failed: 1, (("kind", "sd.txt2img"), ("status", "cancelled")): 1}
+        assert m["diffqueue_job_duration_seconds_count"] == {train: train_n, failed: 1}
+        assert m["diffqueue_job_duration_seconds_sum"][train] == pytest.approx(425 + 5 * (train_n - 2), abs=2)
+        assert [bucket("ddpm.train", "succeeded", le) for le in ("1.0", "15.0", "30.0", "300.0", "600.0", "+Inf")] \
+            == [0, train_n - 2, train_n - 1, train_n - 1, train_n, train_n]
+        assert [bucket("ddpm.sample", "failed", le) for le in ("1.0", "5.0", "+Inf")] == [0, 1, 1]
+
+    client = client_for(settings)
+    check(scrape(client), 2)
+    with session_scope(sessions) as session:
+        session.execute(delete(Job))  # retention deletes the rows; the counts stay
+    check(scrape(client), 2)
+    finished("ddpm.train", JobStatus.SUCCEEDED, 5)
+    check(scrape(client), 3)
 
 
 def test_redis_broker_queue_lengths_follow_publishes(prod_settings, own_pg_url):

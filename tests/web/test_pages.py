@@ -98,6 +98,7 @@ def test_submit_form_takes_nested_params_as_json(client):
     assert [s["label"] for s in client.get(f"/api/v1/jobs/{job_id}").get_json()["params"]["schedules"]] == [
         "linear", "cosine", "low beta_end=0.003", "high beta_end=0.1"]
 
+    (client.application.extensions["diffqueue"].settings.models_dir / "m").mkdir(parents=True)
     resp = client.post("/submit/ddpm.sample", data={"model": "m", "guidance": '{"color": [0.1, 0.5]}'})
     assert resp.status_code == 400
     assert "must have 3 values" in resp.get_data(as_text=True)
@@ -205,6 +206,7 @@ def test_every_form_sent_back_unchanged_gives_the_default_params(sqlite_settings
     from web import create_app
 
     client = create_app(replace(sqlite_settings, enable_noop=True)).test_client()  # noop's form too
+    (sqlite_settings.models_dir / "my-model").mkdir(parents=True)
     typed, params = REQUIRED_INPUT.get(kind, ({}, {}))
     values = {**form_values(client.get(f"/submit/{kind}").get_data(as_text=True)), **typed}
     values.pop("csrf_token", None)
@@ -279,6 +281,7 @@ def uploads_total(client) -> int:
 
 
 def test_a_file_chosen_in_the_form_becomes_an_upload_the_job_names(client):
+    (client.application.extensions["diffqueue"].settings.models_dir / "tiny-sd").mkdir(parents=True)
     resp = client.post("/submit/sd.img2img", content_type="multipart/form-data", data={
         "model": "tiny-sd", "prompts": "a red fox",
         "init_image__file": (io.BytesIO(png_bytes(24, 24)), "fox.png"),
@@ -328,6 +331,30 @@ def test_upload_fields_offer_recent_uploads_and_model_fields_the_models(client, 
     assert '<option value="org/sd-local">' in html
 
 
+def test_sd_forms_offer_local_models_first_not_the_hub_default(client, sqlite_settings, tiny_ddpm_dir):
+    """Offline, the hub id the spec defaults to cannot load, and a filled-in value hides
+    the datalist's other entries: with local models there, the form starts on one, and
+    lists only the models the kind can load."""
+    def model_input(kind: str) -> str:
+        html = client.get(f"/submit/{kind}").get_data(as_text=True)
+        return re.search(r'<input[^>]*id="f-model"[^>]*>', html).group(0), html
+
+    field, html = model_input("sd.txt2img")
+    assert 'value="stable-diffusion-v1-5/stable-diffusion-v1-5"' in field  # none local yet: the default
+    for name in ("b-sd", "a-sd"):
+        (sqlite_settings.models_dir / name).mkdir()
+        (sqlite_settings.models_dir / name / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    for kind in ("sd.txt2img", "sd.img2img", "sd.sweep"):
+        field, html = model_input(kind)
+        assert 'value="a-sd"' in field, field
+        listed = re.search(r'<datalist id="l-model">(.*?)</datalist>', html, re.S).group(1)
+        assert re.findall(r'value="([^"]+)"', listed) == ["a-sd", "b-sd"]  # not the DDPM tiny-ddpm
+    field, _ = model_input("ddpm.sample")
+    assert 'value="tiny-ddpm"' in field
+    field, _ = model_input("sd.txt2img?model=stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert 'value="stable-diffusion-v1-5/stable-diffusion-v1-5"' in field  # asked for: kept
+
+
 # ------------------------------------------------------------------ models page
 def test_models_page_links_each_model_to_its_sampling_form(client, sqlite_settings, tiny_ddpm_dir):
     (sqlite_settings.models_dir / "sd-local").mkdir()
@@ -345,6 +372,7 @@ def test_models_page_empty(client):
 
 # ------------------------------------------------------------------ lists and buttons
 def test_jobs_page_filters_by_status_and_kind(client):
+    (client.application.extensions["diffqueue"].settings.models_dir / "m").mkdir(parents=True)
     train, sample = submit(client, {"max_steps": 5}), submit(client, {"model": "m"}, kind="ddpm.sample")
     client.post(f"/api/v1/jobs/{train['id']}/cancel")
     html = client.get("/jobs?status=cancelled").get_data(as_text=True)
@@ -379,6 +407,112 @@ def test_cancel_and_retry_buttons_need_the_csrf_token(sqlite_settings):
     # Retrying a queued job is a conflict, named.
     resp = client.post(f"/jobs/{job['id']}/retry", headers={"X-CSRFToken": token, "Accept": "application/json"})
     assert resp.status_code == 409 and "only failed or cancelled" in resp.get_json()["message"]
+
+
+# ------------------------------------------------------------------ a job's result
+class ResultRows(HTMLParser):
+    """The rows of the job page's result table by key path ("timings.load_s"): the
+    header cell's text, the value cell's text (a nested table's too), its list items
+    and its links."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[str, dict] = {}
+        self._open: list[dict] = []  # rows being read, innermost last
+        self._inside = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "div" and a.get("id") == "result":
+            self._inside = True
+        if not self._inside:
+            return
+        if tag == "tr":
+            path = ".".join([*(r["path"] for r in self._open[-1:]), a["data-key"]])
+            self._open.append({"path": path, "cell": None, "li": False})
+            self.rows[path] = {"label": "", "text": "", "items": [], "links": []}
+        elif tag in ("th", "td") and self._open:
+            self._open[-1]["cell"] = tag
+        elif tag == "li" and self._open:
+            self._open[-1]["li"] = True
+            self.rows[self._open[-1]["path"]]["items"].append("")
+        elif tag == "a" and self._open:
+            self.rows[self._open[-1]["path"]]["links"].append(a["href"])
+
+    def handle_data(self, data):
+        for row in self._open:
+            if row["cell"] == "td":
+                self.rows[row["path"]]["text"] += data
+        if self._open:
+            inner = self.rows[self._open[-1]["path"]]
+            if self._open[-1]["cell"] == "th":
+                inner["label"] += data
+            if self._open[-1]["li"]:
+                inner["items"][-1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "div":
+            self._inside = False
+        elif tag == "tr" and self._open:
+            self._open.pop()
+        elif tag in ("th", "td") and self._open:
+            self._open[-1]["cell"] = None
+        elif tag == "li" and self._open:
+            self._open[-1]["li"] = False
+
+
+def result_rows(html: str) -> dict[str, dict]:
+    parser = ResultRows()
+    parser.feed(html)
+    return {path: {**row, "label": " ".join(row["label"].split()), "text": " ".join(row["text"].split()),
+                   "items": [" ".join(i.split()) for i in row["items"]]} for path, row in parser.rows.items()}
+
+
+def finish_with(settings, job_id: str, result: dict) -> None:
+    """What a worker does at the end: claim the job, record its outcome."""
+    from shared import jobs
+    from shared.db import make_engine, make_sessionmaker
+    from shared.models import JobStatus
+
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            token = jobs.claim(session, job_id, "test-worker", 60)
+            assert jobs.finish(session, job_id, token, JobStatus.SUCCEEDED, result=result)
+    finally:
+        engine.dispose()
+
+
+def test_the_job_page_shows_the_result_as_a_readable_table(client, sqlite_settings):
+    # The template knows no kind: one result holding what the kinds return between them.
+    partner, job_id = submit(client, {"max_steps": 5})["id"], submit(client, {"max_steps": 5})["id"]
+    assert 'id="result-section" hidden' in client.get(f"/jobs/{job_id}").get_data(as_text=True)  # nothing yet
+    finish_with(sqlite_settings, job_id, {
+        "final_loss": 0.0612345678, "wall_time_s": 12.3456, "images_per_s": 1234.5678, "num_params": 1234567,
+        "resumed_from_step": None, "model_cache": "hit", "coalesced": True, "image_size": [512, 512],
+        "warnings": ["prompt 2 was cut to 77 tokens", "<b>not markup</b>"], "batched_with": [partner],
+        "timings": {"load_s": 0.5, "denoise_s": 2.25}, "classes": [],
+    })
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert 'id="result-section">' in html
+    rows = result_rows(html)
+    assert list(rows) == ["final_loss", "wall_time_s", "images_per_s", "num_params", "resumed_from_step",
+                          "model_cache", "coalesced", "image_size", "warnings", "batched_with", "timings",
+                          "timings.load_s", "timings.denoise_s", "classes"]
+    cells = {path: (row["label"], row["text"]) for path, row in rows.items()}
+    assert cells["final_loss"] == ("final loss", "0.06123")
+    assert cells["wall_time_s"] == ("wall time (s)", "12.35")
+    assert cells["images_per_s"] == ("images/s", "1,235")
+    assert cells["num_params"] == ("num params", "1,234,567")
+    assert cells["resumed_from_step"] == ("resumed from step", "none")
+    assert cells["model_cache"] == ("model cache", "hit")
+    assert cells["coalesced"] == ("coalesced", "yes")
+    assert cells["image_size"] == ("image size", "512 × 512")
+    assert cells["classes"] == ("classes", "none")
+    # A list as a list (its markup shown as text), the partner jobs as links, a nested object as rows.
+    assert rows["warnings"]["items"] == ["prompt 2 was cut to 77 tokens", "<b>not markup</b>"]
+    assert rows["batched_with"]["links"] == [f"/jobs/{partner}"] and rows["batched_with"]["text"] == partner[:8]
+    assert cells["timings.load_s"] == ("load (s)", "0.5") and cells["timings.denoise_s"] == ("denoise (s)", "2.25")
 
 
 # ------------------------------------------------------------------ schedules

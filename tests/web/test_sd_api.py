@@ -106,7 +106,7 @@ def test_sd_job_defaults_are_filled(client):
     assert resp.status_code == 202
     params = resp.get_json()["params"]
     assert (params["steps"], params["guidance_scale"], params["seed"], params["scheduler"]) == (64, 9.0, 193, "pndm")
-    assert params["model"] == "runwayml/stable-diffusion-v1-5" and params["torch_dtype"] == "auto"
+    assert params["model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5" and params["torch_dtype"] == "auto"
 
 
 # ------------------------------------------------------------------ forms

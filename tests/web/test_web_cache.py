@@ -148,7 +148,7 @@ def polled(setup):
     """`setup`, a queued job of its user's, and the app's queries of the jobs table."""
     app, client, sessions, name, _lookups = setup
     with session_scope(sessions) as session:
-        job = jobs.add_job(session, "ddpm.schedule_plot", PLOT, owner=auth.get_user(session, name))
+        job = jobs.create(session, app.extensions["diffqueue"].settings, "ddpm.schedule_plot", PLOT, owner=auth.get_user(session, name))
         job_id = job.id
     reads: list[str] = []
     event.listen(app.extensions["diffqueue"].sessions.kw["bind"], "before_cursor_execute",
@@ -252,7 +252,7 @@ def test_polls_answered_from_what_is_kept_are_not_counted_against_the_rate_limit
     with session_scope(sessions) as session:
         owner = auth.create_user(session, name)
         token = auth.create_token(session, owner)[1]
-        job_id = jobs.add_job(session, "ddpm.schedule_plot", PLOT, owner=owner).id
+        job_id = jobs.create(session, app.extensions["diffqueue"].settings, "ddpm.schedule_plot", PLOT, owner=owner).id
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
     try:

@@ -12,6 +12,8 @@ from shared.db import make_engine, make_sessionmaker
 from tests.webhook_receiver import Receiver
 
 SECRET = "a-secret-only-the-receiver-knows"
+# What a refusal of an inward address says, never naming the addresses it found.
+NON_PUBLIC = "resolves to a non-public address and is refused"
 
 
 def total_jobs(client) -> int:
@@ -45,16 +47,16 @@ def receiver():
 @pytest.mark.parametrize(
     "url, fragment",
     [
-        ("http://127.0.0.1/", "resolves to 127.0.0.1"),
-        ("http://localhost:8080/hook", "resolves to 127.0.0.1"),
-        ("http://10.0.0.1/", "resolves to 10.0.0.1"),
-        ("http://192.168.1.20/", "resolves to 192.168.1.20"),
-        ("http://[::1]/", "resolves to ::1"),
-        ("http://[::ffff:127.0.0.1]/", "resolves to ::ffff:127.0.0.1"),
-        ("http://169.254.169.254/latest/meta-data/", "resolves to 169.254.169.254"),
-        ("http://2130706433/", "resolves to 127.0.0.1"),  # 127.0.0.1 as one decimal number
-        ("http://0.0.0.0:5000/", "resolves to 0.0.0.0"),
-        ("http://224.0.0.1/", "resolves to 224.0.0.1"),
+        ("http://127.0.0.1/", NON_PUBLIC),
+        ("http://localhost:8080/hook", NON_PUBLIC),
+        ("http://10.0.0.1/", NON_PUBLIC),
+        ("http://192.168.1.20/", NON_PUBLIC),
+        ("http://[::1]/", NON_PUBLIC),
+        ("http://[::ffff:127.0.0.1]/", NON_PUBLIC),
+        ("http://169.254.169.254/latest/meta-data/", NON_PUBLIC),
+        ("http://2130706433/", NON_PUBLIC),  # 127.0.0.1 as one decimal number
+        ("http://0.0.0.0:5000/", NON_PUBLIC),
+        ("http://224.0.0.1/", NON_PUBLIC),
         ("file:///etc/passwd", "must be an http or https URL, got scheme 'file'"),
         ("ftp://example.com/x", "must be an http or https URL, got scheme 'ftp'"),
         ("gopher://example.com/", "got scheme 'gopher'"),
@@ -169,7 +171,7 @@ def test_a_schedules_jobs_inherit_its_webhook(loopback_client, receiver):
 def test_schedule_webhooks_are_checked_like_jobs(client):
     resp = client.post("/api/v1/schedules", json=schedule_body(webhook_url="http://169.254.169.254/"))
     assert resp.status_code == 400
-    assert "resolves to 169.254.169.254" in resp.get_json()["fields"]["webhook_url"]
+    assert NON_PUBLIC in resp.get_json()["fields"]["webhook_url"]
     assert client.get("/api/v1/schedules").get_json()["total"] == 0
     created = client.post("/api/v1/schedules", json=schedule_body()).get_json()
     resp = client.patch(f"/api/v1/schedules/{created['id']}", json={"webhook_url": "ftp://example.com/"})

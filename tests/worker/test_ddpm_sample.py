@@ -14,7 +14,7 @@ from PIL import Image
 from shared.errors import SpecError
 from shared.specs import validate_params
 
-TARGET = [0.1, 0.5, 0.9]  # SEEDS.md §9's colour
+TARGET = [0.1, 0.5, 0.9]  # the book's colour
 
 
 def pixels(job, name: str) -> np.ndarray:

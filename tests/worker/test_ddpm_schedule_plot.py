@@ -1,4 +1,4 @@
-"""ddpm.schedule_plot, run in process through the real Executor (SEEDS.md §3)."""
+"""ddpm.schedule_plot, run in process through the real Executor (the book's noise-schedule figures)."""
 from __future__ import annotations
 
 import io

@@ -1,11 +1,18 @@
 """ddpm.train through the real Executor, in process, on the tiny preset: checkpoints,
-resume with the same loss trajectory, EMA, accumulation, precisions, datasets, presets."""
+resume with the same loss trajectory, EMA, accumulation, precisions, datasets, presets,
+the final progress and the exported model's card."""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +48,7 @@ def checkpoint_names(*steps: int) -> list[str]:
 
 def retry(settings, job_id: str) -> None:
     with session_scope(make_sessionmaker(make_engine(settings.database_url))) as session:
-        jobs.retry(session, job_id)
+        jobs.retry(session, settings, job_id)
 
 
 def test_retry_resumes_from_the_last_checkpoint_with_the_same_losses(run_inline, sqlite_settings):
@@ -208,6 +215,78 @@ def test_samples_every_n_steps_and_metrics(run_inline):
     assert 0 < metrics["final_loss"] < 2
 
 
+def test_a_finished_job_shows_its_training_steps_not_the_final_grids_sampling(run_inline, client):
+    # 3 sampling steps for the final grid, 4 training steps: the two counts differ.
+    job = run_inline("ddpm.train", {"preset": "tiny", "max_steps": 4, "sample_steps": 3, "num_samples": 2})
+    assert job.status == "succeeded", job.traceback
+    assert (job.progress_step, job.progress_total) == (4, 4)
+    assert job.progress_message == f"trained 4/4 steps, final loss {job.result['final_loss']:.4f}"
+    [listed] = client.get("/api/v1/jobs").get_json()["jobs"]
+    assert listed["progress"]["step"] == listed["progress"]["total"] == 4
+    assert listed["progress"]["message"].startswith("trained 4/4 steps")
+    page = client.get(f"/jobs/{job.id}").get_data(as_text=True)
+    assert '<p id="message" aria-live="polite">trained 4/4 steps, final loss' in page
+
+
+def model_folder(client, job_id: str, dest: Path) -> Path:
+    """The job's model as a user gets it: the `?prefix=model/` archive, unzipped."""
+    resp = client.get(f"/api/v1/jobs/{job_id}/archive?prefix=model/")
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    zipfile.ZipFile(io.BytesIO(resp.data)).extractall(dest)
+    return dest / "model"
+
+
+def card_block(card: str, heading: str, lang: str) -> str:
+    """The first ```lang block after `heading` in the card."""
+    match = re.search(rf"^#+ {re.escape(heading)}\n.*?```{lang}\n(.*?)\n```", card, re.S | re.M)
+    assert match, f"no {lang} block under {heading!r} in:\n{card}"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("class_conditional", [True, False])
+def test_the_model_card_says_how_to_sample_and_its_snippet_does(run_inline, client, tmp_path, class_conditional):
+    from diffusers import DDPMPipeline
+    from huggingface_hub import ModelCard
+
+    job = run_inline("ddpm.train", {"preset": "tiny", "max_steps": 3, "class_conditional": class_conditional,
+                                    "sample_steps": 2, "num_samples": 2})
+    assert job.status == "succeeded", job.traceback
+    assert "model/README.md" in names(job, "model/")
+    folder = model_folder(client, job.id, tmp_path)
+    card = (folder / "README.md").read_text()
+    metrics = json.loads(job.read("metrics.json"))
+
+    # The metadata the hub reads, then what the card says of the run.
+    data = ModelCard.load(folder / "README.md").data
+    assert data.library_name == "diffusers" and {"ddpm", "diffqueue"} <= set(data.tags)
+    assert ("class-conditional" in data.tags) == class_conditional
+    assert json.loads(card_block(card, "Training params", "json")) == job.params
+    assert json.loads(card_block(card, "Metrics", "json")) == metrics
+    assert "| Dataset | `digits`: scikit-learn's handwritten digits" in card and "1797 images" in card
+    assert "| Steps trained | 3 |" in card
+    assert f"| Final loss | {metrics['final_loss']:.6f} " in card
+    classes = ", ".join(f"`{i}`" for i in range(10)) if class_conditional else "none: unconditional"
+    assert f"| Classes | {classes} |" in card
+
+    # The snippet, run as the card gives it, beside the unzipped folder, with stock diffusers.
+    snippet = card_block(card, "How to sample it", "python")
+    assert "diffqueue" not in snippet and "worker" not in snippet
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    written = sorted(tmp_path.glob("sample-*.png"))
+    assert len(written) == (10 if class_conditional else 4), proc.stdout
+    for path in written:
+        image = Image.open(path)
+        assert (image.size, image.mode) == ((16, 16), "L")
+        assert np.asarray(image).std() > 0  # decoded pixels, not a blank
+    if class_conditional:
+        assert proc.stdout.splitlines() == [f"sample-{i:03d}.png {i}" for i in range(10)]
+        # What the card warns of: the stock pipeline cannot sample this model.
+        with pytest.raises(ValueError, match="class_labels should be provided"):
+            DDPMPipeline.from_pretrained(folder)(num_inference_steps=1)
+
+
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_prediction_types_are_trained_and_exported(run_inline, prediction_type):
     job = run_inline("ddpm.train", {"preset": "tiny", "max_steps": 3, "prediction_type": prediction_type,
@@ -255,7 +334,7 @@ def test_hf_dataset_offline_fails_fast_and_clearly(run_inline, monkeypatch):
 
 def test_hf_dataset_columns_labels_and_padding(run_inline, tmp_path, monkeypatch):
     """A datasets-format dataset (here a local one, as the hub is out of reach) with
-    an Image and a ClassLabel column: 28 px grayscale padded to 32, as SEEDS §4."""
+    an Image and a ClassLabel column: 28 px grayscale padded to 32 (Pad(2)), as fashion-32 trains."""
     import datasets
     import huggingface_hub.constants
 
@@ -291,7 +370,7 @@ def test_padding_keeps_the_image_and_adds_a_black_border():
 
 
 def test_presets_match_the_source_models():
-    """SEEDS §2: the book's UNet has 63.2 M params; the guide's has attention only at level 4."""
+    """The book's UNet has 63.2 M params; the guide's has attention only at level 4."""
     from worker.runners.ddpm_train import build_unet
 
     book = validate_params("ddpm.train", {"preset": "book-64"})

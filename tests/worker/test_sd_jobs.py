@@ -151,7 +151,7 @@ def test_unknown_models_fail_fast_and_clearly(run_inline, tiny_sd_dir, monkeypat
     import huggingface_hub.constants
 
     job = run_inline("sd.txt2img", {**BASE, "model": "no-such-model", "prompts": ["a rose"]})
-    assert job.status == "failed" and "model 'no-such-model' is not a folder under" in job.error
+    assert job.status == "failed" and "'no-such-model' is not a folder under DIFFQUEUE_MODELS_DIR" in job.error
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     job = run_inline("sd.txt2img", {**BASE, "model": "nobody/no-such-sd", "prompts": ["a rose"]})
     assert job.status == "failed"
@@ -191,3 +191,19 @@ def test_a_pickled_replacement_vae_fails_the_job_naming_it(run_inline, tiny_sd_d
     assert job.status == "failed"
     assert ("UnsafeWeights: vae tiny-vae: its weights are pickled (diffusion_pytorch_model.bin), and only safetensors "
             "weights are loaded") in job.error
+
+
+def test_a_moved_hub_id_loads_its_copy_and_the_result_says_so(run_inline, tiny_sd_dir, sqlite_settings):
+    """runwayml/stable-diffusion-v1-5 is gone from the hub; it resolves to its community
+    copy, here a folder of that name in the models dir (the hub cannot be reached)."""
+    import shutil
+
+    copy = sqlite_settings.models_dir / "stable-diffusion-v1-5" / "stable-diffusion-v1-5"
+    shutil.copytree(tiny_sd_dir, copy)
+    old = "runwayml/stable-diffusion-v1-5"
+    job = run_inline("sd.txt2img", {**BASE, "model": old, "prompts": ["a rose"]})
+    assert job.status == "succeeded", job.traceback
+    assert job.result["model_aliases"] == {old: "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    assert any(old in w and "stable-diffusion-v1-5/stable-diffusion-v1-5" in w for w in job.result["warnings"])
+    assert job.params["model"] == old  # what was asked stays on the job
+    assert Image.open(io.BytesIO(job.read("images/0000-00.png"))).size == (32, 32)

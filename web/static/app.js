@@ -233,6 +233,8 @@ function jobPage(root) {
     const archives = [];
     const archive = (id, prefix, text) => h('a', { class: 'button', id, href: `${root.dataset.archive}?prefix=${prefix}`, text });
     if (hasModel) archives.push(archive('model-zip', 'model/', 'Model folder (.zip)'));
+    const card = job.artifacts.find((a) => a.name === 'model/README.md');
+    if (card) archives.push(h('a', { class: 'button', id: 'model-card', href: card.url, text: 'Model card (how to sample it)' }));
     if (groups.images.length) archives.push(archive('images-zip', 'images/', `${groups.images.length} images (.zip)`));
     if (job.artifacts.length) archives.push(archive('all-zip', '', 'Everything (.zip)'));
     $('archives').replaceChildren(...archives);
@@ -284,10 +286,22 @@ function jobPage(root) {
     renderArtifacts();
   }
 
+  // The result table is the server's (job.html): fetched again when a job finishes with
+  // a result other than the one the page was rendered with.
+  let shownResult = JSON.stringify(job.result);
+  async function refreshResult() {
+    const resp = await fetch(window.location.href, { headers: { Accept: 'text/html' } });
+    const fresh = new DOMParser().parseFromString(await resp.text(), 'text/html').getElementById('result-section');
+    if (fresh) $('result-section').replaceWith(fresh);
+  }
+
   const poll = poller(async () => {
     job = await (await fetch(root.dataset.api, { headers: { Accept: 'application/json' } })).json();
     render();
-    return FINISHED.has(job.status) ? null : 1000;
+    if (!FINISHED.has(job.status)) return 1000;
+    const result = JSON.stringify(job.result);
+    if (result !== shownResult) { await refreshResult(); shownResult = result; }
+    return null;
   });
   for (const form of root.querySelectorAll('form[data-action]')) {
     form.addEventListener('submit', async (event) => {

@@ -118,6 +118,10 @@ def _hub(spec: DDPMTrainSpec, ctx: JobContext):
         offline = False
     with hub.offline_mode(offline):
         try:
+            # No trust_remote_code=False: datasets 4.0 removed loading scripts altogether (a
+            # repo or folder with one is refused, its code never runs) and with them the
+            # parameter, which it now only tolerates. pyproject.toml requires datasets>=4.0
+            # for that reason; before 4.0 the parameter decided whether a script ran.
             ds = datasets.load_dataset(name, split=split)
         except Exception as exc:
             why = "the hub is unreachable and it is not in the local cache" if offline else "unknown name or split?"

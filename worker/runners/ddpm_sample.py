@@ -3,8 +3,8 @@ DIFFQUEUE_MODELS_DIR, or a Hugging Face hub pipeline such as google/ddpm-celebah
 
 Outputs `images/0000.png…` (each with its settings as PNG text), `grid.png`, and
 while it runs `previews/step-NNNN.png`: the current x beside the predicted x0 for
-the first batch (SEEDS.md §1), with `preview.png` a copy of the latest. With
-`guidance`, every step is nudged toward a colour (SEEDS.md §9).
+the first batch (the book's figure), with `preview.png` a copy of the latest. With
+`guidance`, every step is nudged toward a colour (the book's loss guidance).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from shared.errors import ModelNotFound
 from shared.specs import DDPMSampleSpec
 from worker import weights
 from worker.context import JobContext
@@ -44,7 +45,7 @@ def load_pipeline(ref: str, folder: Path) -> tuple[DDPMPipeline, list[str] | Non
         pipe = DDPMPipeline.from_pretrained(folder, use_safetensors=True)  # never unpickle a model's .bin
     except Exception as exc:
         weights.raise_if_refused(f"model {ref}", folder, exc)
-        raise
+        raise ModelNotFound(f"model {ref} could not be loaded as a {name}: {type(exc).__name__}: {exc}") from exc
     class_names = None
     if (folder / CLASS_NAMES_FILE).is_file():
         class_names = json.loads((folder / CLASS_NAMES_FILE).read_text())

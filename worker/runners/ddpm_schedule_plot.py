@@ -1,5 +1,5 @@
 """ddpm.schedule_plot: how much signal and noise each timestep keeps under several
-noise schedules, and one image noised along each of them (SEEDS.md §3).
+noise schedules, and one image noised along each of them (the book's figures).
 
 Outputs `schedules.png` (sqrt(alpha_bar_t), the signal, solid, and
 sqrt(1 - alpha_bar_t), the noise, dashed, one colour per schedule), `noised.png`

@@ -1,12 +1,12 @@
 """ddpm.train: train a diffusers UNet2DModel with a DDPMScheduler.
 
-The loop is the one of SEEDS.md §2 and §4 (noise, timesteps, `add_noise`, predict,
+The loop is the book's and the guide's (noise, timesteps, `add_noise`, predict,
 MSE, AdamW) with what users of diffusers' `train_unconditional.py` expect around
 it: accelerate mixed precision, gradient accumulation and clipping, lr warmup, EMA,
 checkpoints that a re-run resumes from, and sample grids along the way.
 
-Outputs: `model/` (a DDPMPipeline folder in safetensors, plus `class_names.json`
-when class-conditioned), `loss.csv`, `loss.png`, `samples.png`,
+Outputs: `model/` (a DDPMPipeline folder in safetensors with a README.md model card,
+plus `class_names.json` when class-conditioned), `loss.csv`, `loss.png`, `samples.png`,
 `samples/step-000500.png`, `checkpoints/step-000500.safetensors` and `metrics.json`.
 
 All randomness in the loop (data order, flips, noise, timesteps) comes from
@@ -33,6 +33,7 @@ from worker import checkpoints
 from worker.context import JobContext
 from worker.data.datasets import TrainData, load_dataset
 from worker.diffusion import count_params, ddpm_denoise, loss_plot_png, make_grid, seeded_generator, to_pil
+from worker.model_card import write_model_card
 
 LOSS_FLUSH_STEPS = 25  # read losses back from the device in blocks: no sync per step on a GPU
 
@@ -271,24 +272,6 @@ def run(spec: DDPMTrainSpec, ctx: JobContext) -> dict:
         write_loss(ctx, losses)  # keep what was learned so far visible: the partial curve
         raise
     train_s = time.perf_counter() - started - side_s
-
-    # 6. Export the model (EMA weights when EMA is on) as a DDPMPipeline folder.
-    if ema is not None:
-        ema.copy_to(unet.parameters())
-    unet = unet.to(memory_format=torch.contiguous_format).eval()
-    model_dir = ctx.workdir / "model"
-    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(model_dir, safe_serialization=True)
-    if data.class_names:
-        (model_dir / "class_names.json").write_text(json.dumps(data.class_names))
-    ctx.write_dir("model", model_dir)
-    write_loss(ctx, losses)
-
-    # 7. Final samples, and the run's figures.
-    def on_sample_step(i: int, n: int, *_) -> None:
-        ctx.check_cancelled()
-        ctx.progress(i, n, f"sampling {i}/{n}", phase="sample")
-
-    ctx.write_image("samples.png", sample_grid(spec, unet, noise_scheduler, data, device, on_sample_step))
     trained_steps = total_steps - start
     metrics = {
         "steps": total_steps,
@@ -302,5 +285,28 @@ def run(spec: DDPMTrainSpec, ctx: JobContext) -> dict:
         "mixed_precision": mixed_precision,
         "device": device,
     }
+
+    # 6. Export the model (EMA weights when EMA is on) as a DDPMPipeline folder, with a
+    # model card that says how to sample it; all of it before the folder is stored.
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    unet = unet.to(memory_format=torch.contiguous_format).eval()
+    model_dir = ctx.workdir / "model"
+    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(model_dir, safe_serialization=True)
+    if data.class_names:
+        (model_dir / "class_names.json").write_text(json.dumps(data.class_names))
+    write_model_card(model_dir, spec, ctx.job_id, metrics, images.shape[1])
+    ctx.write_dir("model", model_dir)
+    write_loss(ctx, losses)
+
+    # 7. Final samples, and the run's figures.
+    def on_sample_step(i: int, n: int, *_) -> None:
+        ctx.check_cancelled()
+        ctx.progress(i, n, f"sampling {i}/{n}", phase="sample")
+
+    ctx.write_image("samples.png", sample_grid(spec, unet, noise_scheduler, data, device, on_sample_step))
     ctx.write_json("metrics.json", metrics)
+
+    # 8. The grid's sampling was the last thing reported; a finished job shows its training.
+    ctx.progress(total_steps, total_steps, f"trained {total_steps}/{total_steps} steps, final loss {losses[-1]:.4f}")
     return metrics

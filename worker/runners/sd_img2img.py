@@ -1,4 +1,4 @@
-"""sd.img2img: variations of an init image with Stable Diffusion (SEEDS §8).
+"""sd.img2img: variations of an init image with Stable Diffusion (the book's chapter).
 
 The init image (`upload:<id>` or a prior job's artifact `job:<id>/<name>`) is
 scaled to fit within width x height, keeping its aspect ratio, to multiples of 8.

@@ -1,4 +1,4 @@
-"""sd.sweep: one prompt over a grid of guidance scales, seeds and step counts (SEEDS §6).
+"""sd.sweep: one prompt over a grid of guidance scales, seeds and step counts (the article's sweep).
 
 Every cell starts from the same noise as a single image with its seed would, and
 the text is encoded once. All cells that share a step count go through the UNet

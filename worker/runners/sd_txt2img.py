@@ -1,4 +1,4 @@
-"""sd.txt2img: render a batch of prompts with Stable Diffusion (SEEDS §5, §7).
+"""sd.txt2img: render a batch of prompts with Stable Diffusion (the book's chapter).
 
 Prompts come from `prompts` or a prompts file (`prompts_upload`: .txt, or .csv
 with prompt, negative_prompt and seed columns). Image j of prompt i has its own
