@@ -36,6 +36,7 @@ def admit(
     webhook: Mapping[str, Any] | None = None,
     pending: frozenset[str] = frozenset(),
     quota: bool = True,
+    resolve_webhook: bool = True,
 ) -> tuple[dict, int, dict]:
     """Whether a job of `kind` with `params` may be queued for `owner`, asked the same way
     whoever asks (the API, the form, a schedule's tick and run-now, retry). Returns the
@@ -47,7 +48,9 @@ def admit(
     permits); each `upload:<id>` and `job:<id>` one the owner may see; the webhook fields;
     the priority; then (`quota`) the owner's queued jobs under the cap, with the owner's
     row locked so two submits at once cannot both pass. `pending` names upload fields
-    whose file is not stored yet (the form checks everything before it stores a file)."""
+    whose file is not stored yet (the form checks everything before it stores a file);
+    `resolve_webhook` False checks a webhook URL's form but not its host's addresses
+    (a schedule's tick: every send checks them again)."""
     if not isinstance(kind, str):
         reason = f"required: a string, one of {', '.join(listed_kinds())}"
         raise UnknownKind(f"kind: {reason}", {"kind": reason})
@@ -59,7 +62,7 @@ def admit(
     visible = {name: value for name, value in values.items() if name not in pending}
     check_upload_refs(session, KINDS[kind].spec, visible, owner)
     auth.check_job_refs(session, visible, owner)
-    hook = webhooks.validate_fields(webhook or {}, settings)
+    hook = webhooks.validate_fields(webhook or {}, settings, resolve=resolve_webhook)
     priority = validate_priority(priority)
     if quota:
         auth.check_quota(session, owner, settings.max_queued_per_user)
@@ -74,12 +77,14 @@ def create(
     priority: Any = 0,
     owner: User | None = None,
     webhook: Mapping[str, Any] | None = None,
+    resolve_webhook: bool = True,
     **columns: Any,
 ) -> Job:
     """The only way a job row is made: `admit`, then a queued row added to `session` (not
     committed, not published: the caller commits, then `publish`es). `columns` are
     further columns, such as a schedule's `schedule_id` and `scheduled_for`."""
-    values, priority, hook = admit(session, settings, kind, params, priority, owner, webhook)
+    values, priority, hook = admit(session, settings, kind, params, priority, owner, webhook,
+                                   resolve_webhook=resolve_webhook)
     job = Job(kind=kind, params=values, priority=priority, queue=KINDS[kind].queue, status=JobStatus.QUEUED.value,
               owner_id=auth.owner_id_of(owner), **hook, **columns)
     session.add(job)
@@ -202,6 +207,7 @@ def retry(session: Session, settings: Settings, job_id: str, viewer: User | None
             cancel_requested=False,
             error=None,
             traceback=None,
+            result=None,  # the last attempt's: the job's page would show it as this one's
             finished_at=None,
             published_at=None,
             progress_step=0,

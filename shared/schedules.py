@@ -322,8 +322,8 @@ def fire(session: Session, schedule: Schedule, now: datetime, settings: Settings
         return None
     try:
         job = jobs.create(session, settings, schedule.kind, schedule.params, schedule.priority,
-                          _owner(session, schedule), webhooks.inherited(schedule), schedule_id=schedule.id,
-                          scheduled_for=latest)
+                          _owner(session, schedule), webhooks.inherited(schedule), resolve_webhook=False,
+                          schedule_id=schedule.id, scheduled_for=latest)
     except SpecError as exc:  # the template no longer passes: an upload deleted, a spec changed, a kind off
         _skip(schedule, str(template_error(exc)), upcoming)
         return None

@@ -115,10 +115,9 @@ def _is_internal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
             or ip.is_reserved or ip.is_unspecified or any(ip in net for net in REFUSED_NETWORKS))
 
 
-def resolve_url(url: Any, allow_private: bool) -> tuple[SplitResult, list[str]]:
-    """Check a webhook URL and resolve its host; return the split URL and its addresses.
-    ValueError says why it is refused: not http(s), credentials in it, too long, a host
-    that does not resolve, or (unless `allow_private`) any address that is not public."""
+def split_url(url: Any) -> tuple[SplitResult, int]:
+    """Check a webhook URL's form; return it split, and its port. ValueError says why it
+    is refused: not a string, too long, not http(s), credentials in it, no host, a bad port."""
     if not isinstance(url, str) or not url:
         raise ValueError("must be a non-empty string (an http or https URL)")
     if len(url) > MAX_URL_CHARS:
@@ -133,9 +132,16 @@ def resolve_url(url: Any, allow_private: bool) -> tuple[SplitResult, list[str]]:
     if not parts.hostname:
         raise ValueError("has no host")
     try:
-        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        return parts, parts.port or (443 if parts.scheme.lower() == "https" else 80)
     except ValueError:
         raise ValueError("has an invalid port (allowed: 1 to 65535)") from None
+
+
+def resolve_url(url: Any, allow_private: bool) -> tuple[SplitResult, list[str]]:
+    """Check a webhook URL (`split_url`) and resolve its host; return the split URL and its
+    addresses. ValueError says why it is refused: its form, a host that does not
+    resolve, or (unless `allow_private`) any address that is not public."""
+    parts, port = split_url(url)
     try:
         infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -148,9 +154,11 @@ def resolve_url(url: Any, allow_private: bool) -> tuple[SplitResult, list[str]]:
     return parts, addresses
 
 
-def validate_fields(data: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
+def validate_fields(data: Mapping[str, Any], settings: Settings, resolve: bool = True) -> dict[str, Any]:
     """The `webhook_*` fields of a job submit or a schedule, checked; returns the columns
-    to store (all None without a URL). SpecError names each bad field and its bound."""
+    to store (all None without a URL). SpecError names each bad field and its bound.
+    `resolve`: also look the host up and refuse non-public addresses now (a schedule's
+    tick does not: a slow DNS answer must not hold it, and every send checks again)."""
     url, events, secret = (data.get(name) for name in FIELDS)
     errors: dict[str, str] = {}
     if url is None:
@@ -159,7 +167,7 @@ def validate_fields(data: Mapping[str, Any], settings: Settings) -> dict[str, An
                 errors[name] = "given without a webhook_url"
     else:
         try:
-            resolve_url(url, settings.webhook_allow_private)
+            resolve_url(url, settings.webhook_allow_private) if resolve else split_url(url)
         except ValueError as exc:
             errors["webhook_url"] = str(exc)
         if events is None:

@@ -206,14 +206,15 @@ def test_cancel_unknown_job(factory):
 def test_retry_failed_job(factory, settings):
     job_id, token = claimed(factory)
     with factory() as session:
-        assert jobs.finish(session, job_id, token, JobStatus.FAILED, error="boom", traceback="tb")
+        assert jobs.finish(session, job_id, token, JobStatus.FAILED, result={"loss": 1.0}, error="boom",
+                           traceback="tb")
     with factory() as session:
         job = jobs.retry(session, settings, job_id)
         session.commit()
         assert job.status == "queued"
     job = load(factory, job_id)
     assert job.status == "queued"
-    assert job.error is None and job.traceback is None and job.finished_at is None
+    assert job.error is None and job.traceback is None and job.finished_at is None and job.result is None
     assert job.cancel_requested is False
     # The next claim gets a new fencing token; the old one is stale.
     with factory() as session:

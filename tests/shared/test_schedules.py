@@ -289,3 +289,20 @@ def test_the_database_refuses_a_second_job_for_one_occurrence(clock):
     with clock.sessions() as session, pytest.raises(IntegrityError):
         session.add(Job(kind=job.kind, params=job.params, queue=job.queue, schedule_id=sid, scheduled_for=at(11)))
         session.commit()
+
+
+def test_the_tick_does_not_wait_on_dns_for_a_schedules_webhook(sqlite_settings, monkeypatch):
+    """The webhook URL was checked (and resolved) when the schedule was saved, and every
+    send resolves and checks it again: an occurrence's job is made without a lookup, so a
+    slow or failing DNS cannot hold the tick."""
+    import socket
+
+    clock = Clock(replace(sqlite_settings, webhook_allow_private=True))
+    sid = clock.add(cron="0 * * * *", webhook_url="http://127.0.0.1:9/hook")
+
+    def no_dns(*args, **kwargs):
+        raise AssertionError("the tick looked a host up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    [job] = clock.tick(at(11, 0, 3))
+    assert job.webhook_url == "http://127.0.0.1:9/hook" and job.schedule_id == sid
