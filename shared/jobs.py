@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping
 
 from celery import Celery
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from shared import auth, idempotency, model_refs, outcomes, webhooks

@@ -92,6 +92,15 @@ def pg_database() -> str:
         yield url
 
 
+@pytest.fixture(scope="module")
+def own_pg_url(request) -> str:
+    """A migrated PostgreSQL database of the test module's own, so that counts in it are
+    exact (the session's is shared by every test); dropped after the module."""
+    with fresh_pg_database("diffqueue_" + request.module.__name__.rsplit(".", 1)[-1][:30]) as url:
+        upgrade(url)
+        yield url
+
+
 @pytest.fixture(scope="session")
 def pg_url(pg_database) -> str:
     """The session's PostgreSQL database, migrated to head."""

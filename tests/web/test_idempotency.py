@@ -16,20 +16,12 @@ import pytest
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import OperationalError
 
-from shared.db import make_engine, make_sessionmaker, session_scope, upgrade
+from shared.db import make_engine, make_sessionmaker, session_scope
 from shared.models import IdempotencyKey, Job, Upload
-from tests.conftest import free_port, fresh_pg_database, signed_in
+from tests.conftest import free_port, signed_in
 from tests.upload_files import png_bytes
 
 BODY = {"kind": "ddpm.schedule_plot", "params": {"num_timesteps_shown": 4}}
-
-
-@pytest.fixture(scope="module")
-def own_pg_url():
-    """A database of this module's own, so the counts are exact. Each test empties it."""
-    with fresh_pg_database("diffqueue_idem") as url:
-        upgrade(url)
-        yield url
 
 
 @pytest.fixture

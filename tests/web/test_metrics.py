@@ -12,18 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete
 
 from shared.config import Settings
-from shared.db import make_engine, make_sessionmaker, session_scope, upgrade
+from shared.db import make_engine, make_sessionmaker, session_scope
 from shared import jobs as lifecycle
 from shared.models import Job, JobOutcomeCount, JobStatus, Schedule, Upload, WebhookDelivery, utcnow
-from tests.conftest import fresh_pg_database, free_port, signed_in
-
-
-@pytest.fixture(scope="module")
-def own_pg_url():
-    """A database of this module's own, so the counts are exact. Each test empties it."""
-    with fresh_pg_database("diffqueue_metrics") as url:
-        upgrade(url)
-        yield url
+from tests.conftest import free_port, signed_in
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -20,20 +20,13 @@ from typing import Callable
 import pytest
 from sqlalchemy import delete, func, select
 
-from shared import jobs, schedules
+from shared import schedules
 from shared.broker import make_producer
-from shared.db import make_engine, make_sessionmaker, session_scope, upgrade
+from shared.db import make_engine, make_sessionmaker, session_scope
 from shared.models import Job, JobStatus, Schedule, Upload, User, utcnow
-from tests.conftest import fresh_pg_database, signed_in
+from tests.conftest import signed_in
 from tests.upload_files import png_bytes
 from tests.web.test_pages import field_block
-
-
-@pytest.fixture(scope="module")
-def own_pg_url():
-    with fresh_pg_database("diffqueue_door") as url:
-        upgrade(url)
-        yield url
 
 
 @pytest.fixture
