@@ -1,9 +1,10 @@
 """Engine, sessions and migrations, for PostgreSQL and SQLite alike."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -11,10 +12,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import DatabaseNotMigrated
 
+T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -56,6 +59,23 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def with_reconnect(factory: sessionmaker[Session], fn: Callable[[Session], T], log: logging.Logger) -> T:
+    """`fn(session)` in a session of its own, and once more in a new one if the database
+    dropped the connection under it (a restart, a terminated backend): the pool's
+    pre-ping catches a connection that died while idle, not one cut mid-transaction.
+    For the writes of a running job (progress, artifacts, the outcome), each one
+    statement or transaction that may safely run twice."""
+    try:
+        with factory() as session:
+            return fn(session)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.warning("the database connection dropped (%s); trying once more", type(exc.orig).__name__)
+    with factory() as session:
+        return fn(session)
 
 
 def alembic_config(url: str) -> Config:

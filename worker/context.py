@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from shared import jobs, model_refs
 from shared.config import Settings
+from shared.db import with_reconnect
 from shared.errors import JobCancelled, LeaseLost, ModelNotFound, WorkerShuttingDown
 from shared.models import Artifact, Job, JobStatus
 from shared.storage import Storage, file_digest, job_key
@@ -69,6 +70,11 @@ class JobContext:
         self.warnings: list[str] = []
         self.notes: dict = {}
 
+    def _db(self, fn):
+        """A write of this running job (or its cancel check): once more if the database
+        dropped the connection mid-way, so a blip the pool recovers from fails no job."""
+        return with_reconnect(self.sessions, fn, self.log)
+
     # ------------------------------------------------------------- progress
     def progress(self, step: int, total: int | None, message: str | None = None, phase: str | None = None) -> None:
         """Report progress; DB writes are throttled except for a new phase and the last step."""
@@ -80,10 +86,9 @@ class JobContext:
         if not (due or new_phase or step == total):
             return
         self._last_progress_write = now
-        with self.sessions() as session:
-            if not jobs.report_progress(session, self.job_id, self.token, step, total, message, new_phase,
-                                        self.settings.webhook_progress_interval_s):
-                raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
+        if not self._db(lambda session: jobs.report_progress(session, self.job_id, self.token, step, total, message,
+                                                             new_phase, self.settings.webhook_progress_interval_s)):
+            raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
 
     def check_cancelled(self) -> None:
         """Call at every step boundary. Raises WorkerShuttingDown when the worker is
@@ -97,9 +102,8 @@ class JobContext:
         if now - self._last_cancel_check < self.settings.cancel_check_interval_s:
             return
         self._last_cancel_check = now
-        with self.sessions() as session:
-            if jobs.cancel_requested(session, self.job_id):
-                raise JobCancelled(f"job {self.job_id} cancelled")
+        if self._db(lambda session: jobs.cancel_requested(session, self.job_id)):
+            raise JobCancelled(f"job {self.job_id} cancelled")
 
     def failpoint(self, name: str, step: int | None = None) -> None:
         """A place where a test may inject a fault (see worker/failpoints.py)."""
@@ -111,10 +115,8 @@ class JobContext:
         content_type = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
         size, sha = file_digest(path)
         self.storage.put_file(job_key(self.job_id, name), path, content_type)
-        with self.sessions() as session:
-            ok = jobs.record_artifact(
-                session, self.job_id, self.token, name, artifact_kind(name, content_type), content_type, size, sha, meta
-            )
+        ok = self._db(lambda session: jobs.record_artifact(
+            session, self.job_id, self.token, name, artifact_kind(name, content_type), content_type, size, sha, meta))
         if not ok:
             raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
 
@@ -164,9 +166,8 @@ class JobContext:
 
     def delete_artifact(self, name: str) -> None:
         """Row first, then the object: a listed artifact always exists in storage."""
-        with self.sessions() as session:
-            if not jobs.delete_artifact(session, self.job_id, self.token, name):
-                raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
+        if not self._db(lambda session: jobs.delete_artifact(session, self.job_id, self.token, name)):
+            raise LeaseLost(f"job {self.job_id}: attempt {self.token} no longer owns the job")
         self.storage.delete(job_key(self.job_id, name))
 
     def write_dir(self, prefix: str, folder: Path) -> None:

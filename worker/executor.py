@@ -16,7 +16,7 @@ from celery.exceptions import Reject
 
 from shared import jobs
 from shared.config import Settings
-from shared.db import check_migrated, make_engine, make_sessionmaker
+from shared.db import check_migrated, make_engine, make_sessionmaker, with_reconnect
 from shared.errors import JobCancelled, LeaseLost, WorkerShuttingDown
 from shared.models import Job, JobStatus
 from shared.specs import validate_params
@@ -211,10 +211,10 @@ class Executor:
         """Write a job's outcome, conditional on its claim's token (None: the lease was lost)."""
         if status is None:
             return "lease-lost"
-        with self.sessions() as session:
-            if not jobs.finish(session, job_id, token, status, result=result, error=error, traceback=tb):
-                log.warning("job %s: outcome %s not recorded, the claim is stale", job_id, status.value)
-                return "lease-lost"
+        if not with_reconnect(self.sessions, lambda session: jobs.finish(session, job_id, token, status, result=result,
+                                                                          error=error, traceback=tb), log):
+            log.warning("job %s: outcome %s not recorded, the claim is stale", job_id, status.value)
+            return "lease-lost"
         log.info("job %s %s", job_id, status.value)
         return status.value
 

@@ -34,8 +34,14 @@ def assert_same_document(page) -> None:
     assert page.evaluate("window.__sameDocument === true"), "the page was reloaded"
 
 
-def image_loaded(page, selector: str) -> bool:
-    return page.eval_on_selector(selector, "img => img.complete && img.naturalWidth > 0")
+def image_loaded(page, selector: str, timeout_s: float = 15) -> bool:
+    """The image has loaded (waiting for it: the last poll may have just swapped its src)."""
+    try:
+        page.wait_for_function(f"(() => {{ const img = document.querySelector({selector!r}); "
+                               "return img && img.complete && img.naturalWidth > 0; })()", timeout=timeout_s * 1000)
+    except Exception:  # playwright's TimeoutError: not loaded in time
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")

@@ -367,3 +367,43 @@ def test_submit_with_the_broker_down_keeps_the_row_queued(sqlite_settings):
     assert jobs.publish(factory, make_producer(sqlite_settings), row) is True
     assert load(factory, job.id).published_at is not None
     engine.dispose()
+
+
+# ------------------------------------------------------------------ a connection cut mid-write
+def test_a_running_jobs_write_survives_its_connection_cut_mid_transaction(pg_url):
+    """pg_terminate_backend between two statements of one transaction: the pool's pre-ping
+    cannot see that (the connection was alive at checkout). `with_reconnect` runs the
+    write once more on a new connection, so a training job does not fail on the blip."""
+    import logging
+
+    import psycopg
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from shared.db import with_reconnect
+
+    engine = make_engine(pg_url)
+    factory = make_sessionmaker(engine)
+    job_id = insert_job(factory)
+    calls = []
+
+    def cut_once_then_write(session):
+        calls.append(session.execute(text("SELECT pg_backend_pid()")).scalar())
+        if len(calls) == 1:
+            with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (calls[0],))
+        session.execute(update(Job).where(Job.id == job_id).values(progress_step=7))
+        session.commit()
+        return True
+
+    with pytest.raises(OperationalError):  # without it, the job's write fails
+        with factory() as session:
+            calls.append(session.execute(text("SELECT pg_backend_pid()")).scalar())
+            with psycopg.connect(pg_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (calls[-1],))
+            session.execute(update(Job).where(Job.id == job_id).values(progress_step=3))
+    calls.clear()
+    assert with_reconnect(factory, cut_once_then_write, logging.getLogger("test")) is True
+    assert len(calls) == 2 and calls[0] != calls[1]  # the second try on another backend
+    assert load(factory, job_id).progress_step == 7
+    engine.dispose()
