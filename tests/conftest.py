@@ -50,6 +50,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("processes"))
 
 
+def eventually(predicate, timeout_s: float = 5.0) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout_s` passes (False): for changes
+    that reach a web process asynchronously, such as a PostgreSQL NOTIFY (milliseconds)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

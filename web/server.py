@@ -79,6 +79,16 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+def _recv(conn) -> bytes | None:
+    """What a readable socket has (b"": the client is gone), or None if nothing after all."""
+    try:
+        return conn.sock.recv(READ_CHUNK_BYTES)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 class _ChunkedEnd:
     """Where a chunked body ends (RFC 9112 section 7.1), fed its bytes as they arrive.
 
@@ -325,12 +335,9 @@ class BufferedThreadWorker(ThreadWorker):
             pass
 
     def _on_readable(self, conn, _sock) -> None:
-        try:
-            data = conn.sock.recv(READ_CHUNK_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client went away before its request was all here
             self._close(conn)
             return
@@ -395,12 +402,9 @@ class BufferedThreadWorker(ThreadWorker):
         self._wait(conn, LINGER_S, self._on_lingering_readable)
 
     def _on_lingering_readable(self, conn, _sock) -> None:
-        try:
-            data = conn.sock.recv(READ_CHUNK_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.lingered += len(data)
         if not data or conn.lingered > LINGER_MAX_BYTES:
             self._close(conn)

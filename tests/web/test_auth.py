@@ -23,7 +23,7 @@ from shared import cli
 from shared.config import ConfigError, Settings
 from shared.db import make_engine, make_sessionmaker, session_scope
 from shared.models import ApiToken, Job, Schedule, Upload
-from tests.conftest import api_token, signed_in
+from tests.conftest import api_token, eventually, signed_in
 from tests.upload_files import png_bytes
 
 PLOT = {"kind": "ddpm.schedule_plot", "params": {"num_timesteps_shown": 4}}
@@ -275,16 +275,6 @@ def _refused(client) -> bool:
 
 def _accepted(client) -> bool:
     return client.get("/jobs").status_code == 200 and client.get("/api/v1/jobs").status_code == 200
-
-
-def eventually(predicate, timeout_s: float = 5.0) -> bool:
-    """A change made by another connection reaches the app's cache by NOTIFY, within milliseconds."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_sign_out_ends_every_session_of_the_user(prod_settings):

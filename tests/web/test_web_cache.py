@@ -14,7 +14,7 @@ from sqlalchemy import delete, event, select, update
 from shared import auth, jobs
 from shared.db import make_engine, make_sessionmaker, session_scope
 from shared.models import ApiToken, Artifact, Job, JobStatus, User, utcnow
-from tests.conftest import api_token
+from tests.conftest import api_token, eventually
 
 
 @pytest.fixture
@@ -39,16 +39,6 @@ def setup(prod_settings):
     yield app, client, sessions, name, lookups
     app.extensions["diffqueue"].cache.close()
     engine.dispose()
-
-
-def eventually(predicate, timeout_s: float = 5.0) -> bool:
-    """Notifications arrive asynchronously (within milliseconds): poll a little."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_a_token_is_looked_up_once(setup):
