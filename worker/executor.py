@@ -71,11 +71,13 @@ class Heartbeat:
     def _run(self, sessions, job_id: str, token: int, settings: Settings, lost: threading.Event) -> None:
         while not self._stop.wait(settings.heartbeat_s):
             try:
-                with sessions() as session:
-                    if not jobs.renew_lease(session, job_id, token, settings.lease_s):
-                        lost.set()
-                        return
-            except Exception:  # the DB blinked: try again next beat, the lease has slack
+                # A connection cut under the renewal is replaced at once, not a beat later:
+                # a lease of a few beats must not run out over one dropped connection.
+                if not with_reconnect(sessions, lambda session: jobs.renew_lease(session, job_id, token,
+                                                                                 settings.lease_s), log):
+                    lost.set()
+                    return
+            except Exception:  # the database is away: try again next beat, the lease has slack
                 log.exception("job %s: lease renewal failed", job_id)
 
     def stop(self) -> None:
